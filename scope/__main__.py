@@ -1,0 +1,3 @@
+from scope.cli import app
+
+app(prog_name="scope")

@@ -1,0 +1,161 @@
+"""The ``scope`` command. Every command that computes figures prints them as JSON with ``--json``."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from scope.errors import ScopeError
+
+app = typer.Typer(help="scope: mechanistic interpretability for Gemma-family models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+store_app = typer.Typer(help="Inspect and check activation stores.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+ModelOpt = Annotated[str, typer.Option(help="gemma-3-270m (bundled), a Hugging Face id, a local folder or a .gguf file.")]
+
+
+def friendly(fn):
+    """Print a ScopeError as one clear line (no traceback) and exit with status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ScopeError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _emit(result: dict, as_json: bool, human: str) -> None:
+    typer.echo(json.dumps(result, indent=2) if as_json else human)
+
+
+@app.command()
+@friendly
+def hooks(model: ModelOpt = "gemma-3-270m", contains: Annotated[str, typer.Option(help="Only names containing this.")] = "",
+          as_json: JsonOpt = False) -> None:
+    """List the model's hook points."""
+    from scope.hooks import hook_names
+    from scope.models import load_model
+
+    names = [n for n in hook_names(load_model(model)) if contains in n]
+    _emit({"model": model, "hooks": names}, as_json, "\n".join(names))
+
+
+@app.command()
+@friendly
+def cache(
+    out: Annotated[str, typer.Option(help="Store folder or fsspec URL (created; resumed if interrupted).")],
+    model: ModelOpt = "gemma-3-270m",
+    hooks: Annotated[str, typer.Option(help="Comma-separated hook points.")] = "blocks.6.hook_resid_post",
+    corpus: Annotated[str, typer.Option(help="wiki, bbc, tweets, a local .jsonl/.parquet/.csv/.txt file, or hf:NAME[:SPLIT].")] = "wiki",
+    tokens: Annotated[int, typer.Option(help="Rows (token positions) to store.")] = 200_000,
+    context: Annotated[int, typer.Option(help="Context window length, BOS included.")] = 128,
+    dtype: Annotated[str, typer.Option(help="Store dtype: float32, bfloat16 or float16.")] = "float32",
+    model_dtype: Annotated[Optional[str], typer.Option(help="Model dtype (default float32).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1… (default: cuda when present).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Context windows per forward pass.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the document order.")] = 0,
+    include_bos: Annotated[bool, typer.Option(help="Keep BOS positions in the store.")] = False,
+    shard_mb: Annotated[int, typer.Option(help="Approximate shard size in MiB.")] = 128,
+    text_column: Annotated[str, typer.Option(help="Text column of a datasets source.")] = "text",
+    label_column: Annotated[str, typer.Option(help="Label column of a datasets source.")] = "label",
+    as_json: JsonOpt = False,
+) -> None:
+    """Capture activations of a model over a corpus into an activation store."""
+    from scope.data import open_source
+    from scope.models import load_model
+    from scope.store import ActivationStore
+    from scope.store.capture import capture_store, init_distributed
+
+    if tokens <= 0:
+        raise ScopeError(f"--tokens must be positive, got {tokens}")
+    init_distributed()
+    source = open_source(corpus, text_column=text_column, label_column=label_column)
+    if device is None and "LOCAL_RANK" in os.environ:
+        import torch
+
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
+    m = load_model(model, dtype=model_dtype, device=device)
+    excluded = ("eos", "pad") if include_bos else ("bos", "eos", "pad")
+    t0 = time.time()
+    manifest = capture_store(m, source, hooks.split(","), out, tokens, context=context, dtype=dtype,
+                             batch_size=batch_size, seed=seed, excluded=excluded, shard_bytes=shard_mb << 20)
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    info = ActivationStore(out, verify=False).info()
+    info["seconds"] = round(time.time() - t0, 1)
+    _emit(info, as_json, _describe(info))
+
+
+def _describe(info: dict) -> str:
+    hooks = ", ".join(f"{h} {v['shape']}" for h, v in info["hooks"].items())
+    return (f"store {info['url']}: {info['rows']:,} rows from {info['documents']:,} documents of {info['corpus']} "
+            f"({info['label_name'] or 'no'} labels), model {info['model']} ({info['model_dtype']}), "
+            f"hooks {hooks}, dtype {info['dtype']}, {info['shards']} shard(s), {info['bytes'] / 2**20:.1f} MiB")
+
+
+@store_app.command("info")
+@friendly
+def store_info(path: str, as_json: JsonOpt = False) -> None:
+    """Rows, hooks, widths, dtype and corpus of a store."""
+    from scope.store import ActivationStore
+
+    info = ActivationStore(path, verify=False).info()
+    _emit(info, as_json, _describe(info))
+
+
+@store_app.command("verify")
+@friendly
+def store_verify(path: str, as_json: JsonOpt = False) -> None:
+    """Check every shard's checksum; a corrupted shard is named."""
+    from scope.store import ActivationStore
+
+    store = ActivationStore(path)
+    store.verify_all()
+    _emit({"url": path, "shards": len(store.manifest.shards), "ok": True}, as_json,
+          f"all {len(store.manifest.shards)} shard(s) of {path} match their checksums")
+
+
+@app.command()
+@friendly
+def quickstart(
+    out: Annotated[str, typer.Option(help="Folder for everything the quickstart writes.")] = "scope-out",
+    tokens: Annotated[int, typer.Option(help="Tokens to capture.")] = 100_000,
+    corpus: Annotated[str, typer.Option(help="Bundled corpus.")] = "wiki",
+    as_json: JsonOpt = False,
+) -> None:
+    """The main job on the bundled Gemma 3 270M: capture layer-6 residual activations of a corpus."""
+    from scope.data import open_source
+    from scope.models import load_model
+    from scope.store import ActivationStore
+    from scope.store.capture import capture_store
+
+    t0 = time.time()
+    m = load_model("gemma-3-270m")
+    store_dir = str(Path(out) / "store")
+    capture_store(m, open_source(corpus), ["blocks.6.hook_resid_post"], store_dir, tokens, context=128)
+    info = ActivationStore(store_dir, verify=False).info()
+    info["seconds"] = round(time.time() - t0, 1)
+    _emit(info, as_json, "quickstart wrote " + _describe(info) + f"\n(total {info['seconds']} s)")
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m scope`
+    app(prog_name="scope")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
