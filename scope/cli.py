@@ -90,7 +90,7 @@ def cache(
     m = load_model(model, dtype=model_dtype, device=device)
     excluded = ("eos", "pad") if include_bos else ("bos", "eos", "pad")
     t0 = time.time()
-    manifest = capture_store(m, source, hooks.split(","), out, tokens, context=context, dtype=dtype,
+    capture_store(m, source, hooks.split(","), out, tokens, context=context, dtype=dtype,
                              batch_size=batch_size, seed=seed, excluded=excluded, shard_bytes=shard_mb << 20)
     import torch.distributed as dist
 

@@ -163,39 +163,38 @@ def capture_store(
     labels = {d.doc_id: d.label for d in docs}
     drop = _excluded_ids(model.tokenizer, excluded)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    mine_rows, doc_rows, infos = 0, {}, {}
-    plans = list(_plan(iter_windows(model.tokenizer, docs, context), tokens, config.shard_rows, drop, fs))
-    mine = [(s, done) for s, done in plans if s.index % world == rank]
-    todo = sum(s.rows for s, done in mine if done is None)
-    bar = tqdm(total=todo, desc=f"capture rank {rank}" if world > 1 else "capture", unit="tok",
-               disable=not progress, position=rank, dynamic_ncols=True)
+    already = sum(info.rows for info in (read_sidecar(fs, i) for i in range(len(fs.listdir("shards")))) if info)
+    bar = tqdm(total=max(0, tokens - already) // world, desc=f"capture rank {rank}" if world > 1 else "capture",
+               unit="tok", disable=not progress, position=rank, dynamic_ncols=True)
+    doc_rows: dict[int, tuple[str | None, int]] = {}
+    n_shards = 0
+    # The plan streams: windows are tokenised as needed and dropped once their shard is written.
     with ThreadPoolExecutor(max_workers=1) as pool:  # the write of shard i overlaps the forward of shard i+1
-        pending: list[Future] = []
-        for shard, done in mine:
-            if done is None:
+        pending: Future | None = None
+        for shard, done in _plan(iter_windows(model.tokenizer, docs, context), tokens, config.shard_rows, drop, fs):
+            n_shards += 1
+            for w, keep in zip(shard.windows, shard.keep):
+                lab, n = doc_rows.get(w.doc_id, (labels[w.doc_id], 0))
+                doc_rows[w.doc_id] = (lab, n + len(keep))
+            if done is None and shard.index % world == rank:
                 cols = _run_shard(model, shard, hooks, STORE_DTYPES[dtype], batch_size, pad_id, bar)
-                pending.append(pool.submit(write_shard, fs, shard.index, cols, shard.first_window,
-                                           len(shard.windows), rank))
-                mine_rows += shard.rows
-        for f in pending:
-            f.result()
+                if pending is not None:  # at most one shard waits to be written: memory stays bounded
+                    pending.result()
+                pending = pool.submit(write_shard, fs, shard.index, cols, shard.first_window, len(shard.windows), rank)
+        if pending is not None:
+            pending.result()
     bar.close()
     if world > 1:
         dist.barrier()
     manifest = read_manifest(fs)
     if rank == 0:
-        for shard, _ in plans:
-            info = read_sidecar(fs, shard.index)
-            if info is None:
-                raise ScopeError(f"shard {shard.index} is missing after capture; re-run the same command to finish it")
-            infos[shard.index] = info
-            for w, keep in zip(shard.windows, shard.keep):
-                lab, n = doc_rows.get(w.doc_id, (labels[w.doc_id], 0))
-                doc_rows[w.doc_id] = (lab, n + len(keep))
+        infos = [read_sidecar(fs, i) for i in range(n_shards)]
+        missing = [i for i, info in enumerate(infos) if info is None]
+        if missing:
+            raise ScopeError(f"shard(s) {missing} are missing after capture; re-run the same command to finish them")
         write_documents(fs, doc_rows)
-        manifest = Manifest(config=config, tokens_requested=tokens, complete=True,
-                            shards=[infos[i] for i in sorted(infos)], world_size=world,
-                            scope_version=scope.__version__)
+        manifest = Manifest(config=config, tokens_requested=tokens, complete=True, shards=infos,
+                            world_size=world, scope_version=scope.__version__)
         write_manifest(fs, manifest)
     if world > 1:
         dist.barrier()
