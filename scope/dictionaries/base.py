@@ -1,0 +1,177 @@
+"""The small base every dictionary shares: config, parameters, input scale, save/load, registry.
+
+Parameters follow the layout Gemma Scope and SAELens use, so interop is a rename at most:
+``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``.
+A dictionary carries one fixed ``input_scale`` c: it codes c·x and decodes back to 1/c units, so
+training sees inputs with E‖c·x‖² = 1 while the saved weights work on raw activations
+(:meth:`Dictionary.fold_input_scale` moves c into the weights; the outputs do not change).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from scope.errors import ScopeError
+
+WEIGHTS = "weights.safetensors"
+CONFIG = "cfg.json"
+REGISTRY: dict[str, type["Dictionary"]] = {}
+
+
+class DictionaryConfig(BaseModel):
+    """Shape and provenance of a dictionary; each kind adds its own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str
+    d_in: int
+    d_sae: int
+    apply_b_dec_to_input: bool = False
+    hook: str | None = None
+    model: str | None = None
+    store: str | None = None
+
+
+class Dictionary(nn.Module):
+    """encode(x) -> codes, decode(codes) -> x_hat, with a shared save/load."""
+
+    Config: ClassVar[type[DictionaryConfig]] = DictionaryConfig
+    kind: ClassVar[str] = ""
+    unit_norm_decoder: ClassVar[bool] = True  # decoder rows kept at unit norm while training
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            REGISTRY[cls.kind] = cls
+
+    def __init__(self, cfg: DictionaryConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, m = cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.empty(d, m))
+        self.b_enc = nn.Parameter(torch.zeros(m))
+        self.W_dec = nn.Parameter(torch.empty(m, d))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.register_buffer("input_scale", torch.ones(()))
+        self.reset_parameters()
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Random unit-norm decoder rows and W_enc = W_decᵀ (the Gemma Scope initialisation)."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            w = torch.randn(self.W_dec.shape, generator=g)
+            self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+            self.W_enc.copy_(self.W_dec.T)
+
+    # --- the two maps ----------------------------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations of raw inputs ``x [..., d_in]``."""
+        x = x.to(self.W_enc.dtype) * self.input_scale
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Sparse codes ``[..., d_sae]`` of raw inputs."""
+        return self.activation(self.pre_acts(x))
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in the inputs' raw units."""
+        return (codes @ self.W_dec + self.b_dec) / self.input_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # --- invariants ------------------------------------------------------------------------
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale decoder rows to unit norm (in the scaled units the dictionary trains in)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Drop the gradient component along each decoder row, so steps keep the rows' norm."""
+        if self.W_dec.grad is None:
+            return
+        w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        self.W_dec.grad.sub_((self.W_dec.grad * w).sum(1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Put parameters back on their constraint set after an optimiser step."""
+        if self.unit_norm_decoder:
+            self.normalize_decoder()
+
+    @torch.no_grad()
+    def fold_input_scale(self) -> None:
+        """Move ``input_scale`` c into the weights: W_enc·c, W_dec/c, b_dec/c; outputs are unchanged."""
+        c = self.input_scale.clone()
+        self.W_enc.mul_(c)
+        self.W_dec.div_(c)
+        self.b_dec.div_(c)
+        self.input_scale.fill_(1.0)
+
+    # --- files -----------------------------------------------------------------------------
+    def save(self, folder: str | Path, fold: bool = True) -> Path:
+        """Write ``weights.safetensors`` and ``cfg.json`` (atomically), folding the input scale."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        if fold:
+            c = sd["input_scale"].clone()
+            sd["W_enc"], sd["W_dec"], sd["b_dec"] = sd["W_enc"] * c, sd["W_dec"] / c, sd["b_dec"] / c
+            sd["input_scale"] = torch.ones(())
+        sd = self.export_state(sd)
+        tmp = folder / f".{WEIGHTS}.tmp"
+        save_file(sd, str(tmp), metadata={"kind": self.kind})
+        tmp.replace(folder / WEIGHTS)
+        (folder / f".{CONFIG}.tmp").write_text(self.cfg.model_dump_json(indent=2))
+        (folder / f".{CONFIG}.tmp").replace(folder / CONFIG)
+        return folder
+
+    def export_state(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hook for kinds whose saved tensors differ from their parameters (e.g. log-threshold)."""
+        return sd
+
+    def import_state(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return sd
+
+
+def build(cfg: DictionaryConfig | dict) -> Dictionary:
+    """A fresh dictionary of the kind named in ``cfg``."""
+    data = cfg.model_dump() if isinstance(cfg, DictionaryConfig) else dict(cfg)
+    kind = data.get("kind")
+    if kind not in REGISTRY:
+        raise ScopeError(f"unknown dictionary kind {kind!r}; known kinds: {sorted(REGISTRY)}")
+    cls = REGISTRY[kind]
+    try:
+        return cls(cls.Config.model_validate(data))
+    except ValueError as err:
+        raise ScopeError(f"bad {kind} dictionary config: {err}") from err
+
+
+def load(folder: str | Path, device: str | torch.device | None = None) -> Dictionary:
+    """Load a dictionary saved by :meth:`Dictionary.save`."""
+    folder = Path(folder)
+    if not (folder / CONFIG).exists() or not (folder / WEIGHTS).exists():
+        raise ScopeError(f"{str(folder)!r} is not a scope dictionary folder (needs {CONFIG} and {WEIGHTS})")
+    d = build(json.loads((folder / CONFIG).read_text()))
+    sd = d.import_state(load_file(str(folder / WEIGHTS)))
+    expected = {k: tuple(v.shape) for k, v in d.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    if expected != got:
+        raise ScopeError(f"weights in {folder} do not match its {CONFIG}: expected {expected}, found {got}")
+    d.load_state_dict(sd)
+    return d.to(device) if device is not None else d
+
+

@@ -1,0 +1,107 @@
+"""JumpReLU sparse autoencoder, trained as in Gemma Scope.
+
+Sources: Rajamanoharan et al. 2024, "Jumping Ahead: Improving Reconstruction Fidelity with JumpReLU
+Sparse Autoencoders" (arXiv 2407.14435), Sec. 3 (the JumpReLU SAE and its L0 loss) and Sec. 4 (the
+straight-through pseudo-derivatives with a kernel of bandwidth ε); Lieberum et al. 2024, "Gemma
+Scope" (arXiv 2408.05147), Sec. 3 (training recipe). See docs/methods/jumprelu.md.
+
+    z = W_encᵀ x + b_enc,   f = z ⊙ H(z − θ),   x̂ = W_decᵀ f + b_dec
+    L = ‖x − x̂‖² + λ ‖f‖₀ = ‖x − x̂‖² + λ Σᵢ H(zᵢ − θᵢ)
+
+H has zero derivative almost everywhere, so θ is trained through pseudo-derivatives built from the
+rectangle kernel K(u) = 1[|u| ≤ ½]:  ∂/∂θ [z H(z − θ)] := −(θ/ε) K((z − θ)/ε) and
+∂/∂θ H(z − θ) := −(1/ε) K((z − θ)/ε). The second is the exact derivative of the step smoothed by K.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from scope.dictionaries.base import Dictionary, DictionaryConfig
+from scope.dictionaries.losses import LossParts
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    """The rectangle kernel K(u) = 1 for |u| ≤ 1/2, else 0."""
+    return (u.abs() <= 0.5).to(u.dtype)
+
+
+class JumpReLUFn(torch.autograd.Function):
+    """z ⊙ H(z − θ): the usual gradient in z, the kernel pseudo-derivative in θ."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return z * (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = grad * (z > theta).to(grad.dtype)
+        grad_theta = -(theta / eps) * rectangle((z - theta) / eps) * grad
+        return grad_z, grad_theta.reshape(-1, theta.shape[-1]).sum(0).to(theta.dtype), None
+
+
+class StepFn(torch.autograd.Function):
+    """H(z − θ): no gradient in z, the kernel pseudo-derivative in θ."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = -(1.0 / eps) * rectangle((z - theta) / eps) * grad
+        return None, grad_theta.reshape(-1, theta.shape[-1]).sum(0).to(theta.dtype), None
+
+
+class JumpReLUConfig(DictionaryConfig):
+    kind: Literal["jumprelu"] = "jumprelu"
+    bandwidth: float = 0.001  # ε, in the normalised units where E‖x‖² = 1
+    threshold_init: float = 0.001
+
+
+class JumpReLU(Dictionary):
+    """JumpReLU SAE with a per-latent threshold θ, a float32 parameter trained directly."""
+
+    kind = "jumprelu"
+    Config = JumpReLUConfig
+
+    def __init__(self, cfg: JumpReLUConfig):
+        super().__init__(cfg)
+        # θ is trained directly (not in log space): Adam then moves it by about the learning rate
+        # per step, so short runs reach thresholds of the pre-activations' scale.
+        self.threshold = nn.Parameter(torch.full((cfg.d_sae,), float(cfg.threshold_init)))
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.threshold.dtype != torch.float32:  # θ stays float32 whatever the dictionary's dtype
+            self.threshold.data = self.threshold.data.float()
+        return out
+
+    @torch.no_grad()
+    def project(self) -> None:
+        super().project()
+        self.threshold.clamp_(min=1e-6)
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return pre * (pre > self.threshold.to(pre.dtype))
+
+    def loss(self, x: torch.Tensor, sparsity_coeff: float) -> LossParts:
+        """‖x − x̂‖² + λ‖f‖₀ in normalised units, averaged over the batch."""
+        pre = self.pre_acts(x)
+        theta = self.threshold.float()
+        f = JumpReLUFn.apply(pre, theta.to(pre.dtype), self.cfg.bandwidth)
+        err = x.to(pre.dtype) * self.input_scale - (f @ self.W_dec + self.b_dec)
+        mse = err.pow(2).sum(-1).mean()
+        l0 = StepFn.apply(pre, theta.to(pre.dtype), self.cfg.bandwidth).sum(-1).mean()
+        return LossParts(loss=mse + sparsity_coeff * l0, mse=mse, l0=l0.detach(), codes=f.detach())

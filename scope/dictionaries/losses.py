@@ -1,0 +1,18 @@
+"""What a dictionary's training loss returns, shared by every kind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LossParts:
+    """Total loss plus its parts, all in the normalised units the dictionary trains in."""
+
+    loss: torch.Tensor
+    mse: torch.Tensor  # mean over the batch of ‖x − x̂‖²
+    l0: torch.Tensor  # mean number of active latents per row
+    codes: torch.Tensor  # detached codes, for firing statistics
+    aux: torch.Tensor | None = None  # auxiliary loss (AuxK), already included in ``loss``

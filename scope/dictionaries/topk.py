@@ -1,0 +1,97 @@
+"""TopK, BatchTopK and statistical top-k SAEs, with the AuxK loss against dead latents.
+
+Sources: Gao et al. 2024, "Scaling and evaluating sparse autoencoders" (arXiv 2406.04093), Sec. 2.3
+(TopK activation) and Appendix A.2 (AuxK: the residual error is reconstructed from the top k_aux
+dead latents, weighted 1/32); Bussmann et al. 2024, "BatchTopK Sparse Autoencoders"
+(arXiv 2412.06410): the top k·B pre-activations over a whole batch, and at inference a single
+threshold estimated during training; You et al. 2025, "Spark Transformer" (arXiv 2506.06644),
+statistical top-k: per row, keep entries above mean + std · Φ⁻¹(1 − k/M) of the row's
+pre-activations, which needs no sort and runs in linear time (exact when pre-activations are
+Gaussian).
+"""
+
+from __future__ import annotations
+
+from statistics import NormalDist
+from typing import Literal
+
+import torch
+
+from scope.dictionaries.base import Dictionary, DictionaryConfig
+from scope.dictionaries.losses import LossParts
+
+
+class TopKConfig(DictionaryConfig):
+    kind: Literal["topk"] = "topk"
+    k: int
+    selection: Literal["exact", "batch", "statistical"] = "exact"
+    apply_b_dec_to_input: bool = True
+    aux_k: int | None = None  # default: d_in // 2, as in Gao et al.
+    aux_coeff: float = 1 / 32
+    dead_after_tokens: int = 1_000_000
+
+
+def statistical_threshold(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-row threshold mean + std · Φ⁻¹(1 − k/M), shaped to broadcast against ``pre``."""
+    z = NormalDist().inv_cdf(1 - k / pre.shape[-1])
+    return pre.mean(-1, keepdim=True) + pre.std(-1, keepdim=True) * z
+
+
+class TopK(Dictionary):
+    kind = "topk"
+    Config = TopKConfig
+
+    def __init__(self, cfg: TopKConfig):
+        super().__init__(cfg)
+        # BatchTopK's inference threshold: running mean of the smallest kept activation per batch.
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long))
+
+    def _select(self, pre: torch.Tensor, training: bool) -> torch.Tensor:
+        k, sel = self.cfg.k, self.cfg.selection
+        pre = torch.relu(pre)
+        if sel == "statistical":
+            return pre * (pre > statistical_threshold(pre, k))
+        if sel == "batch" and training:
+            flat = pre.reshape(-1)
+            vals, idx = flat.topk(k * pre.shape[0], sorted=False)
+            return torch.zeros_like(flat).scatter(0, idx, vals).reshape(pre.shape)
+        if sel == "batch":
+            return pre * (pre > self.threshold)
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter(-1, idx, vals)
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return self._select(pre, training=False)
+
+    def loss(self, x: torch.Tensor, sparsity_coeff: float = 0.0) -> LossParts:
+        """‖x − x̂‖² plus the AuxK loss; sparsity is set by k, so the coefficient is unused."""
+        pre = self.pre_acts(x)
+        f = self._select(pre, training=True)
+        target = x.to(pre.dtype) * self.input_scale
+        recon = f @ self.W_dec + self.b_dec
+        err = target - recon
+        mse = err.pow(2).sum(-1).mean()
+        with torch.no_grad():
+            fired = (f > 0).any(0)
+            self.tokens_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
+            if self.cfg.selection == "batch":
+                active = f[f > 0]
+                if active.numel():
+                    self.threshold.lerp_(active.min().to(self.threshold.dtype), 0.01 if self.threshold > 0 else 1.0)
+        aux = self._aux_loss(pre, err)
+        total = mse if aux is None else mse + self.cfg.aux_coeff * aux
+        return LossParts(loss=total, mse=mse, l0=(f > 0).float().sum(-1).mean(), codes=f.detach(), aux=aux)
+
+    def _aux_loss(self, pre: torch.Tensor, err: torch.Tensor) -> torch.Tensor | None:
+        dead = self.tokens_since_fired > self.cfg.dead_after_tokens
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return None
+        k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, n_dead)
+        dead_pre = torch.relu(pre).masked_fill(~dead, 0.0)
+        vals, idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
+        aux_recon = torch.zeros_like(dead_pre).scatter(-1, idx, vals) @ self.W_dec
+        residual = err.detach()
+        scale = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+        return (residual - aux_recon).pow(2).sum(-1).mean() / scale

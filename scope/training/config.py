@@ -1,0 +1,177 @@
+"""Training configs: YAML files in sae_configs/, validated by pydantic, overridable with ``--set``.
+
+A config names its input store, the hook to read, the trainer settings (with the length of
+training in ``trainer.total_tokens``) and one or more dictionaries, all trained from one pass over
+the data. Unknown keys are errors that list the valid ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from scope.errors import ScopeError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DictSpec(_Strict):
+    """One dictionary to train. ``d_in`` defaults to the store's width."""
+
+    name: str | None = None
+    kind: Literal["jumprelu", "relu", "topk"]
+    d_sae: int = Field(gt=0)
+    d_in: int | None = None
+    sparsity_coeff: float = Field(0.0, ge=0, description="λ: L0 weight (jumprelu) or L1 weight (relu)")
+    k: int | None = Field(None, gt=0, description="active latents per row (topk)")
+    selection: Literal["exact", "batch", "statistical"] = "exact"
+    bandwidth: float = Field(0.001, gt=0)
+    threshold_init: float = Field(0.001, gt=0)
+    aux_k: int | None = None
+    aux_coeff: float = 1 / 32
+    dead_after_tokens: int = 1_000_000
+    lr: float | None = Field(None, gt=0, description="overrides trainer.lr for this dictionary")
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        detail = f"k{self.k}" if self.kind == "topk" else f"l{self.sparsity_coeff:g}"
+        return f"{self.kind}-{self.d_sae}-{detail}"
+
+
+class TrainerSettings(_Strict):
+    total_tokens: int = Field(gt=0)
+    batch_size: int = Field(4096, gt=0)
+    lr: float = Field(7e-5, gt=0)
+    adam_betas: tuple[float, float] = (0.0, 0.999)
+    lr_warmup_steps: int = Field(1000, ge=0)
+    lr_decay_start: float = Field(0.8, ge=0, le=1, description="fraction of training after which lr decays linearly to 0")
+    sparsity_warmup_steps: int = Field(10_000, ge=0, description="λ rises linearly from 0 over these steps")
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str | None = None
+    checkpoint_every: int = Field(1000, gt=0)
+    log_every: int = Field(50, gt=0)
+    held_out: float = Field(0.1, gt=0, lt=1, description="fraction of documents kept out of training")
+    buffer_rows: int = Field(1 << 18, gt=0)
+    norm_estimate_rows: int = Field(100_000, gt=0)
+    max_norm_ratio: float | None = Field(
+        None, gt=0, description="skip rows whose norm exceeds this multiple of the median norm (outlier tokens)")
+
+
+class LoggingSettings(_Strict):
+    tensorboard: bool = False
+    wandb_project: str | None = None
+
+
+class CaptureSpec(_Strict):
+    """How to build the store when it does not exist yet (``scope cache`` with these arguments)."""
+
+    model: str = "gemma-3-270m"
+    hooks: list[str]
+    corpus: str = "wiki"
+    tokens: int = Field(gt=0)
+    context: int = Field(128, gt=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    model_dtype: Literal["float32", "bfloat16"] = "float32"
+    batch_size: int = Field(32, gt=0)
+
+
+class TrainConfig(_Strict):
+    store: str
+    hook: str | None = None
+    capture: CaptureSpec | None = None
+    trainer: TrainerSettings
+    dictionaries: list[DictSpec] = Field(min_length=1)
+    logging: LoggingSettings = LoggingSettings()
+
+    def check(self) -> "TrainConfig":
+        names = [d.label() for d in self.dictionaries]
+        if len(set(names)) != len(names):
+            raise ScopeError(f"dictionary names repeat: {names}; give each a distinct `name`")
+        for d in self.dictionaries:
+            if d.kind == "topk" and d.k is None:
+                raise ScopeError(f"dictionary {d.label()!r} is topk but sets no `k`")
+            if d.kind != "topk" and d.sparsity_coeff == 0:
+                raise ScopeError(f"dictionary {d.label()!r} ({d.kind}) needs a positive `sparsity_coeff` (λ)")
+        return self
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys of the (nested) model at a validation-error location."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        inner = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if inner is None:
+            break
+        model = inner
+    return sorted(model.model_fields)
+
+
+def _explain(err: ValidationError, source: str) -> ScopeError:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key {where!r}; valid keys there: {', '.join(_fields_at(TrainConfig, e['loc']))}")
+        elif e["type"] == "missing":
+            lines.append(f"missing key {where!r}")
+        else:
+            lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+    return ScopeError(f"invalid training config {source}: " + "; ".join(lines))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML; list items by index)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ScopeError(f"--set needs KEY=VALUE (e.g. trainer.lr=1e-4), got {item!r}")
+        node: Any = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node[int(part)] if isinstance(node, list) and part.isdigit() and int(part) < len(node) else \
+                node.get(part) if isinstance(node, dict) else None
+            if nxt is None:
+                if isinstance(node, dict):
+                    nxt = node.setdefault(part, {})
+                else:
+                    raise ScopeError(f"--set {key}: {'.'.join(parts[: i + 1])!r} does not exist in the config")
+            node = nxt
+        last = parts[-1]
+        value = yaml.safe_load(raw)
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ScopeError(f"--set {key}: index {last!r} is out of range (the list has {len(node)} items)")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), data: dict | None = None) -> TrainConfig:
+    """Read a YAML config (or a dict), apply ``--set`` overrides, validate."""
+    if data is None:
+        p = Path(path)
+        if not p.is_file():
+            raise ScopeError(f"config file {str(p)!r} does not exist; the shipped ones are in sae_configs/")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ScopeError(f"config file {str(p)!r} is not valid YAML: {err}") from err
+    data = apply_overrides(data, list(overrides))
+    try:
+        return TrainConfig.model_validate(data).check()
+    except ValidationError as err:
+        raise _explain(err, str(path or "")) from None

@@ -1,0 +1,280 @@
+"""The training loop: several dictionaries from one pass over a store, resumable, data-parallel.
+
+Recipe (Gemma Scope, Lieberum et al. 2024, Sec. 3; Rajamanoharan et al. 2024): inputs scaled by
+one fixed factor so that E‖x‖² = 1 on the training data; Adam with β = (0, 0.999); the learning
+rate warms up linearly and decays linearly to zero over the last part of training; the sparsity
+coefficient λ warms up linearly from 0; decoder rows are kept at unit norm, with the gradient
+component parallel to each row removed before every step. With ``torchrun`` each rank takes an
+equal slice of every global batch and gradients are averaged, which equals one process on the
+global batch because every loss is a batch mean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from scope.dictionaries import Dictionary, build
+from scope.errors import ScopeError
+from scope.store import ActivationStore
+from scope.training.config import DictSpec, TrainConfig
+from scope.training.logging import MetricLogger
+
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class Trained:
+    """One dictionary under training, with its optimiser and firing record."""
+
+    spec: DictSpec
+    sae: Dictionary
+    opt: torch.optim.Adam
+    last_fired: torch.Tensor  # step at which each latent last fired
+
+    @property
+    def name(self) -> str:
+        return self.spec.label()
+
+
+def lr_at(step: int, total: int, cfg) -> float:
+    """Linear warm-up over ``lr_warmup_steps``, constant, then linear decay to 0 from ``lr_decay_start``."""
+    warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
+    start = int(cfg.lr_decay_start * total)
+    decay = 1.0 if step < start or total <= start else max(0.0, (total - step) / (total - start))
+    return warm * decay
+
+
+def sparsity_at(step: int, cfg) -> float:
+    """λ multiplier: rises linearly from 0 to 1 over ``sparsity_warmup_steps``."""
+    return min(1.0, step / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
+
+
+def estimate_input_scale(store: ActivationStore, hook: str, rows: int, seed: int) -> tuple[float, float]:
+    """(c, median norm) with c = 1/sqrt(E‖x‖²) over a seeded sample of rows."""
+    total, n, norms = 0.0, 0, []
+    for x in store.batches(hook, batch_size=min(rows, 8192), seed=seed + 1, buffer_rows=max(rows, 8192),
+                           dtype=torch.float32):
+        sq = x.pow(2).sum(-1)
+        total += float(sq.sum())
+        n += x.shape[0]
+        norms.append(sq.sqrt())
+        if n >= rows:
+            break
+    if n == 0:
+        raise ScopeError(f"store {store.url!r} has no training rows for {hook}")
+    return 1.0 / math.sqrt(total / n), float(torch.cat(norms).median())
+
+
+def _spec_to_dict_cfg(spec: DictSpec, d_in: int, hook: str, store: ActivationStore) -> dict:
+    cfg = {"kind": spec.kind, "d_in": d_in, "d_sae": spec.d_sae, "hook": hook,
+           "model": store.manifest.config.model, "store": store.url}
+    if spec.kind == "jumprelu":
+        cfg.update(bandwidth=spec.bandwidth, threshold_init=spec.threshold_init)
+    if spec.kind == "topk":
+        cfg.update(k=spec.k, selection=spec.selection, aux_k=spec.aux_k, aux_coeff=spec.aux_coeff,
+                   dead_after_tokens=spec.dead_after_tokens)
+    return cfg
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]
+
+
+def _dist() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.trainer.device:
+        return torch.device(cfg.trainer.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _batches(view: ActivationStore, cfg: TrainConfig, hook: str, median: float):
+    """Endless global batches in a fixed order (epoch after epoch), outlier rows dropped if asked."""
+    t = cfg.trainer
+    epoch = 0
+    while True:
+        for x in view.batches(hook, batch_size=t.batch_size, seed=t.seed + 1000 * epoch, buffer_rows=t.buffer_rows,
+                              drop_last=True):
+            if t.max_norm_ratio is not None:
+                x = x[x.float().norm(dim=-1) <= t.max_norm_ratio * median]
+            yield x
+        epoch += 1
+
+
+def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str, Path]:
+    """Train every dictionary in ``cfg`` and save each to ``out/NAME``; resume from ``out`` if present."""
+    out = Path(out)
+    rank, world = _dist()
+    t = cfg.trainer
+    store = ActivationStore(cfg.store)
+    hook = cfg.hook or _only_hook(store)
+    store.check_hook(hook)
+    d_in = store.width(hook)
+    for spec in cfg.dictionaries:
+        if spec.d_in is not None and spec.d_in != d_in:
+            raise ScopeError(f"store {cfg.store!r} hook {hook} has width {d_in}, but dictionary {spec.label()!r} "
+                             f"expects d_in={spec.d_in}; use a store of that width or drop d_in")
+    if t.batch_size % world:
+        raise ScopeError(f"trainer.batch_size {t.batch_size} must divide evenly among {world} processes")
+    train_view, _ = store.split(t.held_out, seed=0)
+    scale, median = estimate_input_scale(train_view, hook, t.norm_estimate_rows, t.seed)
+    device = _device(cfg)
+    total_steps = t.total_tokens // t.batch_size
+    if total_steps == 0:
+        raise ScopeError(f"trainer.total_tokens {t.total_tokens} is less than one batch ({t.batch_size})")
+
+    runs = []
+    for i, spec in enumerate(cfg.dictionaries):
+        sae = build(_spec_to_dict_cfg(spec, d_in, hook, store))
+        sae.reset_parameters(seed=t.seed + i)
+        sae.input_scale.fill_(scale)
+        sae.to(device)
+        opt = torch.optim.Adam(sae.parameters(), lr=spec.lr or t.lr, betas=t.adam_betas)
+        runs.append(Trained(spec, sae, opt, torch.zeros(spec.d_sae, dtype=torch.long, device=device)))
+    start = _resume(out, cfg, runs) if (out / CHECKPOINT).exists() else 0
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.yaml").write_text(_yaml(cfg))
+    logger = MetricLogger(out, cfg.logging, enabled=rank == 0)
+    data = _batches(train_view, cfg, hook, median)
+    for _ in range(start):  # replay the data order up to the checkpoint: resumed runs see the same batches
+        next(data)
+    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not progress or rank != 0,
+               dynamic_ncols=True)
+    per_rank = t.batch_size // world
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.dtype == "bfloat16")
+    t0 = time.time()
+    for step in range(start, total_steps):
+        x = next(data)
+        x = x[rank * per_rank : (rank + 1) * per_rank] if world > 1 else x
+        x = x.to(device, torch.float32, non_blocking=True)
+        lr_mult, lam_mult = lr_at(step, total_steps, t), sparsity_at(step, t)
+        row = {"step": step + 1, "tokens": (step + 1) * t.batch_size, "lr_mult": lr_mult, "sparsity_mult": lam_mult}
+        for run in runs:
+            for group in run.opt.param_groups:
+                group["lr"] = (run.spec.lr or t.lr) * lr_mult
+            with autocast:
+                parts = run.sae.loss(x, run.spec.sparsity_coeff * lam_mult)
+            parts.loss.backward()
+            if world > 1:
+                _average_grads(run.sae, world)
+            if run.sae.unit_norm_decoder:
+                run.sae.remove_parallel_decoder_grad()
+            run.opt.step()
+            run.opt.zero_grad(set_to_none=True)
+            run.sae.project()
+            fired = (parts.codes != 0).any(0)
+            if world > 1:
+                fired = fired.to(torch.int32)
+                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+                fired = fired.bool()
+            run.last_fired.masked_fill_(fired, step + 1)
+            if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
+                var = (x * run.sae.input_scale - (x * run.sae.input_scale).mean(0)).pow(2).sum(-1).mean()
+                dead_window = max(1, min(step + 1, math.ceil(1_000_000 / t.batch_size)))
+                mse = float(parts.mse.detach())
+                row.update({f"{run.name}/loss": float(parts.loss.detach()), f"{run.name}/mse": mse,
+                            f"{run.name}/fvu": mse / float(var), f"{run.name}/l0": float(parts.l0),
+                            f"{run.name}/dead": float((step + 1 - run.last_fired >= dead_window).float().mean())})
+                if parts.aux is not None:
+                    row[f"{run.name}/aux"] = float(parts.aux.detach())
+        if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
+            row["tokens_per_s"] = (step + 1 - start) * t.batch_size / max(time.time() - t0, 1e-9)
+            logger.log(row)
+            first = runs[0].name
+            bar.set_postfix(l0=f"{row[f'{first}/l0']:.1f}", fvu=f"{row[f'{first}/fvu']:.3f}")
+        bar.update(1)
+        if (step + 1) % t.checkpoint_every == 0 and step + 1 < total_steps and rank == 0:
+            _checkpoint(out, cfg, runs, step + 1)
+        if world > 1 and (step + 1) % t.checkpoint_every == 0:
+            dist.barrier()
+    bar.close()
+    logger.close()
+    saved = {}
+    if rank == 0:
+        for run in runs:
+            saved[run.name] = run.sae.save(out / run.name)
+        _checkpoint(out, cfg, runs, total_steps)
+    if world > 1:
+        dist.barrier()
+    return saved
+
+
+def _only_hook(store: ActivationStore) -> str:
+    hooks = list(store.hooks)
+    if len(hooks) != 1:
+        raise ScopeError(f"store {store.url!r} holds several hooks {hooks}; set `hook:` in the config")
+    return hooks[0]
+
+
+def _average_grads(sae: Dictionary, world: int) -> None:
+    for p in sae.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world)
+
+
+def _yaml(cfg: TrainConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+
+
+def _checkpoint(out: Path, cfg: TrainConfig, runs: list[Trained], step: int) -> None:
+    """Everything needed to resume, as safetensors + JSON, replaced atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    for run in runs:
+        for k, v in run.sae.state_dict().items():
+            tensors[f"{run.name}/sae/{k}"] = v.detach().cpu().contiguous()
+        tensors[f"{run.name}/last_fired"] = run.last_fired.cpu()
+        names = {id(p): k for k, p in run.sae.named_parameters()}
+        for group in run.opt.param_groups:
+            for p in group["params"]:
+                for key, val in run.opt.state.get(p, {}).items():
+                    tensors[f"{run.name}/adam/{names[id(p)]}/{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
+    tmp = out / f".{CHECKPOINT}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "config_hash": config_hash(cfg)}))
+    old = out / f".{CHECKPOINT}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if (out / CHECKPOINT).exists():
+        (out / CHECKPOINT).rename(old)
+    tmp.rename(out / CHECKPOINT)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _resume(out: Path, cfg: TrainConfig, runs: list[Trained]) -> int:
+    meta = json.loads((out / CHECKPOINT / "state.json").read_text())
+    if meta["config_hash"] != config_hash(cfg):
+        raise ScopeError(f"{str(out)!r} holds a run with a different config; resume needs the same config "
+                         "(compare with its train_config.yaml) or choose a new --out")
+    tensors = load_file(str(out / CHECKPOINT / "state.safetensors"))
+    device = next(runs[0].sae.parameters()).device
+    for run in runs:
+        prefix = f"{run.name}/sae/"
+        run.sae.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        run.last_fired.copy_(tensors[f"{run.name}/last_fired"])
+        for k, p in run.sae.named_parameters():
+            # Adam keeps its step counter on the CPU unless it is fused or capturable.
+            state = {key.rsplit("/", 1)[1]: v if key.endswith("/step") else v.to(device)
+                     for key, v in tensors.items() if key.startswith(f"{run.name}/adam/{k}/")}
+            if state:
+                run.opt.state[p] = state
+    return int(meta["step"])
