@@ -132,6 +132,66 @@ def store_verify(path: str, as_json: JsonOpt = False) -> None:
 
 @app.command()
 @friendly
+def train(
+    config: Annotated[str, typer.Argument(help="A YAML config, e.g. sae_configs/gemma-3-270m-res-l6-jumprelu-16k.yaml.")],
+    out: Annotated[str, typer.Option(help="Run folder: dictionaries, metrics.jsonl, checkpoint (resumed if present).")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. trainer.lr=1e-4 (repeatable).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the dictionaries of a config on its activation store (capturing the store first if needed)."""
+    from scope.store.capture import init_distributed
+    from scope.training import load_config
+    from scope.training import train as run_training
+
+    init_distributed()
+    cfg = load_config(config, set_ or [])
+    _ensure_store(cfg)
+    t0 = time.time()
+    saved = run_training(cfg, out)
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    last = _last_metrics(Path(out))
+    result = {"out": out, "seconds": round(time.time() - t0, 1),
+              "dictionaries": {name: {"path": str(p), **{k.split("/", 1)[1]: v for k, v in last.items()
+                                                        if k.startswith(name + "/")}} for name, p in saved.items()}}
+    lines = [f"{n}: L0 {d.get('l0', float('nan')):.1f}, FVU {d.get('fvu', float('nan')):.3f} -> {d['path']}"
+             for n, d in result["dictionaries"].items()]
+    _emit(result, as_json, "\n".join(lines))
+
+
+def _ensure_store(cfg) -> None:
+    """Capture the config's store first when it is missing and the config says how."""
+    from scope.store.fs import StoreFS
+    from scope.store.manifest import read_manifest
+
+    existing = read_manifest(StoreFS(cfg.store))
+    if existing is not None and existing.complete:
+        return
+    if cfg.capture is None:
+        raise ScopeError(f"store {cfg.store!r} does not exist (or is incomplete); create it with `scope cache "
+                         "--out ...`, or add a `capture:` section to the config")
+    from scope.data import open_source
+    from scope.models import load_model
+    from scope.store.capture import capture_store
+
+    c = cfg.capture
+    model = load_model(c.model, dtype=c.model_dtype, device=cfg.trainer.device)
+    capture_store(model, open_source(c.corpus), c.hooks, cfg.store, c.tokens, context=c.context, dtype=c.dtype,
+                  batch_size=c.batch_size)
+
+
+def _last_metrics(out: Path) -> dict:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else {}
+
+
+@app.command()
+@friendly
 def quickstart(
     out: Annotated[str, typer.Option(help="Folder for everything the quickstart writes.")] = "scope-out",
     tokens: Annotated[int, typer.Option(help="Tokens to capture.")] = 100_000,
@@ -151,6 +211,61 @@ def quickstart(
     info = ActivationStore(store_dir, verify=False).info()
     info["seconds"] = round(time.time() - t0, 1)
     _emit(info, as_json, "quickstart wrote " + _describe(info) + f"\n(total {info['seconds']} s)")
+
+
+@app.command("eval")
+@friendly
+def eval_(
+    sae: Annotated[list[str], typer.Option(help="Dictionary folder (repeat --sae for a sweep).")],
+    store: Annotated[str, typer.Option(help="Activation store folder or fsspec URL.")],
+    held_out: Annotated[float, typer.Option(help="Fraction of documents held out (split by document, seed 0).")] = 0.1,
+    lm_tokens: Annotated[int, typer.Option(help="Tokens of held-out text for the spliced-in LM loss.")] = 4096,
+    no_lm: Annotated[bool, typer.Option("--no-lm", help="Skip the language-model loss (no model is loaded).")] = False,
+    max_rows: Annotated[Optional[int], typer.Option(help="Cap on held-out rows for the reconstruction metrics.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1… (default: cuda when present).")] = None,
+    html: Annotated[Optional[str], typer.Option(help="Write the L0-vs-FVU frontier of the SAEs to this HTML file.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """L0, FVU, cosine, dead/dense latents and spliced-in LM loss of SAEs on a store's held-out documents."""
+    from scope.dictionaries import load
+    from scope.evals import evaluate, load_store_model, write_frontier
+    from scope.models import default_device
+    from scope.store import ActivationStore
+
+    if lm_tokens < 0:
+        raise ScopeError(f"--lm-tokens must be 0 or positive, got {lm_tokens}")
+    test = ActivationStore(store).split(held_out, seed=0)[1]
+    if not test.documents:
+        raise ScopeError(f"the held-out split of {store} ({held_out:.0%} of its {len(ActivationStore(store).documents)} "
+                         "documents) is empty; raise --held-out or capture more tokens")
+    dev = default_device(device)
+    saes = [(Path(p).name, load(p, device=dev)) for p in sae]
+    tokens = 0 if no_lm else lm_tokens
+    model = load_store_model(test, device=dev) if tokens else None  # one model for the whole sweep
+    results = [evaluate(d, test, model=model, lm_tokens=tokens, name=name, max_rows=max_rows, device=dev,
+                        progress=not as_json) for name, d in saes]
+    if html:
+        write_frontier(results, html)
+    out = {"store": store, "held_out": held_out, "documents": len(test.documents), "rows": len(test),
+           "html": html, "results": results}
+    _emit(out, as_json, _eval_table(out))
+
+
+def _eval_table(out: dict) -> str:
+    head = f"{'sae':<24} {'kind':<9} {'d_sae':>7} {'L0':>8} {'FVU':>7} {'cos':>6} {'dead':>6} {'dense':>6}"
+    head += f" {'CE clean':>8} {'spliced':>8} {'ΔCE':>7} {'rec':>6} {'KL':>7}"
+    lines = [f"held-out: {out['documents']} documents, {out['rows']:,} rows of {out['store']}", head]
+    for r in out["results"]:
+        line = (f"{r['name'][:24]:<24} {r['kind']:<9} {r['d_sae']:>7} {r['l0']:>8.1f} {r['fvu']:>7.4f} "
+                f"{r['cosine']:>6.3f} {r['dead_fraction']:>6.1%} {r['dense_fraction']:>6.1%}")
+        lm = r["lm"]
+        if lm:
+            line += (f" {lm['clean_ce']:>8.3f} {lm['spliced_ce']:>8.3f} {lm['delta_loss']:>7.3f} "
+                     f"{lm['ce_loss_recovered']:>6.3f} {lm['kl']:>7.4f}")
+        lines.append(line)
+    if out["html"]:
+        lines.append(f"frontier written to {out['html']}")
+    return "\n".join(lines)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m scope`

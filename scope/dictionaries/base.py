@@ -126,18 +126,22 @@ class Dictionary(nn.Module):
         """Write ``weights.safetensors`` and ``cfg.json`` (atomically), folding the input scale."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        if fold:
-            c = sd["input_scale"].clone()
-            sd["W_enc"], sd["W_dec"], sd["b_dec"] = sd["W_enc"] * c, sd["W_dec"] / c, sd["b_dec"] / c
-            sd["input_scale"] = torch.ones(())
-        sd = self.export_state(sd)
+        sd = self.saved_tensors(fold)
         tmp = folder / f".{WEIGHTS}.tmp"
         save_file(sd, str(tmp), metadata={"kind": self.kind})
         tmp.replace(folder / WEIGHTS)
         (folder / f".{CONFIG}.tmp").write_text(self.cfg.model_dump_json(indent=2))
         (folder / f".{CONFIG}.tmp").replace(folder / CONFIG)
         return folder
+
+    def saved_tensors(self, fold: bool = True) -> dict[str, torch.Tensor]:
+        """The CPU tensors :meth:`save` writes (input scale folded when ``fold``); exporters reuse it."""
+        sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        if fold:
+            c = sd["input_scale"].clone()
+            sd["W_enc"], sd["W_dec"], sd["b_dec"] = sd["W_enc"] * c, sd["W_dec"] / c, sd["b_dec"] / c
+            sd["input_scale"] = torch.ones(())
+        return self.export_state(sd)
 
     def export_state(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hook for kinds whose saved tensors differ from their parameters (e.g. log-threshold)."""

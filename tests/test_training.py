@@ -1,0 +1,219 @@
+"""Dictionaries and their training: pseudo-derivatives, invariants, fold, resume, DDP, configs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from scope.dictionaries import build, load
+from scope.dictionaries.jumprelu import JumpReLUFn, StepFn
+from scope.dictionaries.topk import statistical_threshold
+from scope.errors import ScopeError
+from scope.training import load_config, train
+
+from test_store import synthetic_store
+
+EPS = 0.05
+
+
+def smoothed_step(z: torch.Tensor, theta: float) -> torch.Tensor:
+    """H(z − θ) convolved with the rectangle kernel of width ε: a ramp from θ − ε/2 to θ + ε/2."""
+    return ((z - theta) / EPS + 0.5).clamp(0, 1)
+
+
+def test_step_pseudo_derivative_is_the_derivative_of_the_smoothed_step():
+    z = torch.linspace(-1, 1, 20001, dtype=torch.float64)
+    for theta0 in (0.1, 0.3, -0.2):
+        theta = torch.full((1,), theta0, dtype=torch.float64, requires_grad=True)
+        StepFn.apply(z[:, None], theta, EPS).sum().backward()
+        h = 1e-4
+        fd = (smoothed_step(z, theta0 + h).sum() - smoothed_step(z, theta0 - h).sum()) / (2 * h)
+        torch.testing.assert_close(theta.grad[0], fd, rtol=2e-3, atol=0)
+
+
+def test_jumprelu_pseudo_derivative_matches_the_smoothed_jumprelu():
+    # d/dθ Σ z·H_ε(z − θ) = −(1/ε) Σ z·K((z − θ)/ε); the STE uses θ in place of z inside the window,
+    # so the two agree to O(ε/θ).
+    z = torch.linspace(0, 2, 40001, dtype=torch.float64)
+    theta0 = 1.0
+    theta = torch.full((1,), theta0, dtype=torch.float64, requires_grad=True)
+    JumpReLUFn.apply(z[:, None], theta, EPS).sum().backward()
+    h = 1e-4
+    fd = ((z * smoothed_step(z, theta0 + h)).sum() - (z * smoothed_step(z, theta0 - h)).sum()) / (2 * h)
+    torch.testing.assert_close(theta.grad[0], fd, rtol=EPS, atol=0)
+    # The forward pass is the exact JumpReLU, and gradients in z pass only where z > θ.
+    z2 = torch.tensor([[0.5, 1.5]], dtype=torch.float64, requires_grad=True)
+    out = JumpReLUFn.apply(z2, torch.ones(2, dtype=torch.float64), EPS)
+    out.sum().backward()
+    assert out.tolist() == [[0.0, 1.5]] and z2.grad.tolist() == [[0.0, 1.0]]
+
+
+def test_statistical_topk_threshold_keeps_about_k_of_gaussian_pre_activations():
+    pre = torch.randn(64, 16384, generator=torch.Generator().manual_seed(0))
+    kept = (pre > statistical_threshold(pre, 64)).sum(-1).float()
+    assert 50 < kept.mean() < 80
+
+
+def test_topk_and_batchtopk_select_k_per_row_or_per_batch():
+    x = torch.randn(8, 16)
+    for selection, check in (("exact", lambda f: ((f > 0).sum(-1) <= 4).all()),
+                             ("batch", lambda f: (f > 0).sum() <= 4 * 8)):
+        d = build({"kind": "topk", "d_in": 16, "d_sae": 64, "k": 4, "selection": selection})
+        parts = d.loss(x)
+        assert check(parts.codes)
+
+
+@pytest.mark.parametrize("kind,extra", [("jumprelu", {}), ("topk", {"k": 8}), ("relu", {})])
+def test_fold_input_scale_gives_identical_outputs_and_save_load_round_trips(tmp_path, kind, extra):
+    d = build({"kind": kind, "d_in": 16, "d_sae": 48, **extra})
+    with torch.no_grad():
+        d.b_enc.normal_(0, 0.1)
+        d.b_dec.normal_()
+        d.input_scale.fill_(0.013)
+    x = torch.randn(32, 16) * 70
+    before_codes, before = d.encode(x), d(x)
+    d.save(tmp_path / "d")
+    loaded = load(tmp_path / "d")
+    assert float(loaded.input_scale) == 1.0
+    torch.testing.assert_close(loaded.encode(x), before_codes, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded(x), before, rtol=1e-5, atol=1e-4)
+    d.fold_input_scale()
+    torch.testing.assert_close(d(x), before, rtol=1e-5, atol=1e-4)
+
+
+def test_decoder_rows_stay_unit_norm_and_parallel_gradient_is_removed():
+    d = build({"kind": "jumprelu", "d_in": 16, "d_sae": 32})
+    opt = torch.optim.Adam(d.parameters(), lr=1e-2, betas=(0.0, 0.999))
+    for _ in range(5):
+        parts = d.loss(torch.randn(64, 16), 0.1)
+        parts.loss.backward()
+        d.remove_parallel_decoder_grad()
+        parallel = (d.W_dec.grad * d.W_dec).sum(1)
+        assert parallel.abs().max() < 1e-6
+        opt.step()
+        opt.zero_grad()
+        d.project()
+        torch.testing.assert_close(d.W_dec.norm(dim=1), torch.ones(32))
+    assert (d.threshold > 0).all()
+
+
+# --- the training loop on a synthetic store -------------------------------------------------------
+
+def _cfg(store: str, steps: int = 12, **trainer) -> dict:
+    return {"store": store, "trainer": {"total_tokens": 256 * steps, "batch_size": 256, "lr": 3e-3,
+                                        "lr_warmup_steps": 2, "sparsity_warmup_steps": 4, "log_every": 2,
+                                        "checkpoint_every": 4, "norm_estimate_rows": 1000, "buffer_rows": 1024,
+                                        **trainer},
+            "dictionaries": [{"kind": "jumprelu", "d_sae": 64, "sparsity_coeff": 0.01},
+                             {"kind": "topk", "d_sae": 64, "k": 4}]}
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> str:
+    url = str(tmp_path_factory.mktemp("synth") / "store")
+    synthetic_store(url, [1500, 1500, 1500], width=16, docs_per_shard=30)
+    return url
+
+
+def test_training_lowers_fvu_and_writes_logs(synth, tmp_path):
+    saved = train(load_config(data=_cfg(synth, steps=30)), tmp_path / "run", progress=False)
+    rows = [yaml.safe_load(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for name in saved:
+        fvu = [r[f"{name}/fvu"] for r in rows]
+        assert fvu[-1] < 0.8 * fvu[0], (name, fvu)
+    assert rows[-1]["topk-64-k4/l0"] <= 4
+    assert load(saved["jumprelu-64-l0.01"]).cfg.hook == "x"
+
+
+def _run(cfg: dict, out: Path) -> subprocess.Popen:
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return subprocess.Popen([sys.executable, "-m", "scope", "train", str(path), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def test_killed_training_resumes_to_the_same_weights(synth, tmp_path):
+    cfg = _cfg(synth, steps=40, checkpoint_every=8)
+    killed = tmp_path / "killed"
+    proc = _run(cfg, killed)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint" / "state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "jumprelu-64-l0.01").exists(), "killed before the end"
+    assert _run(cfg, killed).wait() == 0
+    assert _run(cfg, tmp_path / "clean").wait() == 0
+    for name in ("jumprelu-64-l0.01", "topk-64-k4"):
+        a = load_file(str(killed / name / "weights.safetensors"))
+        b = load_file(str(tmp_path / "clean" / name / "weights.safetensors"))
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+
+
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(synth, tmp_path):
+    cfg = _cfg(synth, steps=10)
+    cfg["dictionaries"] = cfg["dictionaries"][:1]  # JumpReLU: every term is a batch mean
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29544",
+                          "-m", "scope", "train", str(path), "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "scope", "train", str(path), "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "jumprelu-64-l0.01" / "weights.safetensors"))
+    b = load_file(str(tmp_path / "two" / "jumprelu-64-l0.01" / "weights.safetensors"))
+    # Gradients are summed in a different order across processes: equal to float32 round-off.
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(a["W_dec"], build({"kind": "jumprelu", "d_in": 16, "d_sae": 64}).W_dec)
+
+
+# --- configs ------------------------------------------------------------------------------------
+
+def test_shipped_configs_validate():
+    root = Path(__file__).resolve().parents[1] / "sae_configs"
+    names = sorted(p.name for p in root.glob("*.yaml"))
+    assert {"gemma-3-270m-res-l6-jumprelu-4k.yaml", "gemma-3-270m-res-l6-jumprelu-16k.yaml",
+            "gemma-3-270m-res-l6-topk-16k.yaml", "gemma-3-270m-res-l6-stattopk-16k.yaml"} <= set(names)
+    for p in root.glob("*.yaml"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c["trainer"].update(lrr=1), r"unknown key 'trainer\.lrr'; valid keys there: .*batch_size.*lr"),
+    (lambda c: c.update(stor="x"), r"unknown key 'stor'; valid keys there: .*store"),
+    (lambda c: c["dictionaries"][0].update(kind="gated"), r"dictionaries\.0\.kind"),
+    (lambda c: c["dictionaries"][1].pop("k"), r"topk but sets no `k`"),
+    (lambda c: c["trainer"].update(total_tokens=0), r"trainer\.total_tokens"),
+])
+def test_bad_configs_are_clear_errors(change, message):
+    cfg = _cfg("somewhere")
+    change(cfg)
+    with pytest.raises(ScopeError, match=message):
+        load_config(data=cfg)
+
+
+def test_set_overrides_and_width_mismatch(synth, tmp_path):
+    cfg = load_config(data=_cfg(synth), overrides=["trainer.lr=1e-4", "dictionaries.0.d_sae=128"])
+    assert cfg.trainer.lr == 1e-4 and cfg.dictionaries[0].d_sae == 128
+    with pytest.raises(ScopeError, match="index '5' is out of range"):
+        load_config(data=_cfg(synth), overrides=["dictionaries.5=1"])
+    with pytest.raises(ScopeError, match="KEY=VALUE"):
+        load_config(data=_cfg(synth), overrides=["trainer.lr"])
+    bad = load_config(data=_cfg(synth), overrides=["dictionaries.0.d_in=640"])
+    with pytest.raises(ScopeError, match="width 16, but dictionary 'jumprelu-64-l0.01' expects d_in=640"):
+        train(bad, tmp_path / "run", progress=False)
