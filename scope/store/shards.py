@@ -68,6 +68,7 @@ class ShardReader:
 
     def __init__(self, fs: StoreFS, info: ShardInfo, verify: bool = True):
         self.fs, self.info = fs, info
+        self._mmap = np.memmap(fs.path(info.name), dtype=np.uint8, mode="r") if fs.is_local else None
         if verify:
             self._verify()
         try:
@@ -77,12 +78,15 @@ class ShardReader:
             raise ScopeError(f"shard {fs.url(info.name)} is unreadable ({err}); it is corrupted or truncated") from err
         header.pop("__metadata__", None)
         self.columns = {k: _Column(v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0]) for k, v in header.items()}
-        self._mmap = np.memmap(fs.path(info.name), dtype=np.uint8, mode="r") if fs.is_local else None
 
     def _verify(self) -> None:
-        crc, size, step = 0, self.fs.size(self.info.name), 64 << 20
-        for start in range(0, size, step):
-            crc = zlib.crc32(self.fs.read_bytes(self.info.name, start, min(size, start + step)), crc)
+        size = self.fs.size(self.info.name)
+        if self._mmap is not None:  # straight over the mapping: no copies, and it warms the pages read next
+            crc = zlib.crc32(self._mmap)
+        else:
+            crc, step = 0, 64 << 20
+            for start in range(0, size, step):
+                crc = zlib.crc32(self.fs.read_bytes(self.info.name, start, min(size, start + step)), crc)
         if size != self.info.bytes or f"{crc:08x}" != self.info.crc32:
             raise ScopeError(
                 f"shard {self.fs.url(self.info.name)} failed its checksum (expected crc32 {self.info.crc32} over "
@@ -90,11 +94,21 @@ class ShardReader:
                 "same `scope cache` command: only the missing shard is captured again"
             )
 
+    def column(self, name: str) -> np.ndarray:
+        """A whole column as a read-only array over the memory map (local shards only; no copy)."""
+        col = self.columns[name]
+        raw = self._mmap[col.begin : col.begin + col.shape[0] * col.row_bytes]
+        return raw.view(_NP[col.dtype]).reshape(col.shape)
+
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of one column, as a fresh CPU tensor."""
         col = self.columns[name]
         lo, hi = col.begin + start * col.row_bytes, col.begin + stop * col.row_bytes
         raw = self._mmap[lo:hi] if self._mmap is not None else np.frombuffer(self.fs.read_bytes(self.info.name, lo, hi), np.uint8)
-        arr = np.array(raw).view(_NP[col.dtype]).reshape(stop - start, *col.shape[1:])
-        t = torch.from_numpy(arr)
-        return t.view(torch.bfloat16) if col.dtype == "BF16" else t
+        return as_tensor(np.array(raw).view(_NP[col.dtype]).reshape(stop - start, *col.shape[1:]), col.dtype)
+
+
+def as_tensor(arr: np.ndarray, dtype: str) -> torch.Tensor:
+    """A numpy array of a safetensors dtype as a torch tensor (bf16 travels as uint16)."""
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if dtype == "BF16" else t
