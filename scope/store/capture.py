@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 
 import torch
@@ -37,12 +37,14 @@ _EXCLUDABLE = ("bos", "eos", "pad")
 class _PlannedShard:
     index: int
     first_window: int
-    windows: list[Window]
-    keep: list[list[int]]  # kept positions of each window (after exclusions and the row budget)
+    windows: list[Window] = field(default_factory=list)
+    keep: list[list[int]] = field(default_factory=list)  # kept positions per window (exclusions, row budget)
+    rows: int = 0
 
-    @property
-    def rows(self) -> int:
-        return sum(len(k) for k in self.keep)
+    def add(self, window: Window, keep: list[int]) -> None:
+        self.windows.append(window)
+        self.keep.append(keep)
+        self.rows += len(keep)
 
 
 def _excluded_ids(tokenizer, excluded: Sequence[str]) -> set[int]:
@@ -58,14 +60,12 @@ def _plan(windows: Iterator[Window], tokens: int, shard_rows: int, drop: set[int
     while rows < tokens:
         done = read_sidecar(fs, index)
         target = done.rows if done is not None else min(shard_rows, tokens - rows)
-        shard = _PlannedShard(index, window_no, [], [])
+        shard = _PlannedShard(index, window_no)
         while shard.rows < target and (done is None or len(shard.windows) < done.n_windows):
             w = next(windows, None)
             if w is None:
                 break
-            keep = [i for i, t in enumerate(w.tokens) if t not in drop][: target - shard.rows]
-            shard.windows.append(w)
-            shard.keep.append(keep)
+            shard.add(w, [i for i, t in enumerate(w.tokens) if t not in drop][: target - shard.rows])
             window_no += 1
         if not shard.windows:
             return
@@ -79,11 +79,14 @@ def _plan(windows: Iterator[Window], tokens: int, shard_rows: int, drop: set[int
             return
 
 
-def _run_shard(model: LoadedModel, shard: _PlannedShard, hooks: list[str], dtype: torch.dtype,
-               batch_size: int, pad_id: int, bar: tqdm | None) -> dict[str, torch.Tensor]:
-    """Forward the shard's windows (batched by similar length) and gather the kept rows."""
+def _run_shard(model: LoadedModel, shard: _PlannedShard, hooks: list[str], shapes: dict[str, list[int]],
+               dtype: torch.dtype, batch_size: int, pad_id: int, bar: tqdm | None) -> dict[str, torch.Tensor]:
+    """Forward the shard's windows (batched by similar length) and gather the kept rows in window order."""
+    offsets = [0]
+    for keep in shard.keep:
+        offsets.append(offsets[-1] + len(keep))
+    cols = {h: torch.empty((shard.rows, *shapes[h]), dtype=dtype) for h in hooks}
     order = sorted(range(len(shard.windows)), key=lambda i: len(shard.windows[i].tokens))
-    per_window: list[dict[str, torch.Tensor] | None] = [None] * len(order)
     for a in range(0, len(order), batch_size):
         idx = order[a : a + batch_size]
         length = max(len(shard.windows[i].tokens) for i in idx)
@@ -94,12 +97,14 @@ def _run_shard(model: LoadedModel, shard: _PlannedShard, hooks: list[str], dtype
             toks[r, : len(t)] = torch.tensor(t)
             mask[r, : len(t)] = 1
         acts = capture(model, toks, hooks, attention_mask=mask)
-        for r, i in enumerate(idx):
-            keep = torch.tensor(shard.keep[i], dtype=torch.long)
-            per_window[i] = {h: acts[h][r, keep.to(acts[h].device)].to(dtype).cpu() for h in hooks}
+        # One gather per hook and batch: (batch row, position) pairs to their rows in the shard.
+        src_r = torch.tensor([r for r, i in enumerate(idx) for _ in shard.keep[i]])
+        src_p = torch.tensor([p for i in idx for p in shard.keep[i]])
+        dest = torch.tensor([offsets[i] + j for i in idx for j in range(len(shard.keep[i]))])
+        for h in hooks:
+            cols[h][dest] = acts[h][src_r.to(acts[h].device), src_p.to(acts[h].device)].to(dtype).cpu()
         if bar is not None:
-            bar.update(sum(len(shard.keep[i]) for i in idx))
-    cols = {h: torch.cat([pw[h] for pw in per_window]) for h in hooks}
+            bar.update(len(dest))
     if dtype == torch.float16:
         for h, x in cols.items():
             if not torch.isfinite(x).all():
@@ -177,7 +182,7 @@ def capture_store(
                 lab, n = doc_rows.get(w.doc_id, (labels[w.doc_id], 0))
                 doc_rows[w.doc_id] = (lab, n + len(keep))
             if done is None and shard.index % world == rank:
-                cols = _run_shard(model, shard, hooks, STORE_DTYPES[dtype], batch_size, pad_id, bar)
+                cols = _run_shard(model, shard, hooks, shapes, STORE_DTYPES[dtype], batch_size, pad_id, bar)
                 if pending is not None:  # at most one shard waits to be written: memory stays bounded
                     pending.result()
                 pending = pool.submit(write_shard, fs, shard.index, cols, shard.first_window, len(shard.windows), rank)
