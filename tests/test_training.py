@@ -68,8 +68,37 @@ def test_topk_and_batchtopk_select_k_per_row_or_per_batch():
     for selection, check in (("exact", lambda f: ((f > 0).sum(-1) <= 4).all()),
                              ("batch", lambda f: (f > 0).sum() <= 4 * 8)):
         d = build({"kind": "topk", "d_in": 16, "d_sae": 64, "k": 4, "selection": selection})
-        parts = d.loss(x)
+        parts = d.loss(x, sparse=False)
         assert check(parts.codes)
+
+
+@pytest.mark.parametrize("cfg", [
+    {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 0.05},
+    {"kind": "topk", "k": 8}, {"kind": "topk", "k": 8, "selection": "batch"},
+    {"kind": "topk", "k": 8, "selection": "statistical"}, {"kind": "topk", "k": 8, "dead_after_tokens": 0}])
+def test_sparse_kernels_give_the_plain_path_loss_and_gradients(cfg):
+    torch.manual_seed(0)
+    d = build({"d_in": 32, "d_sae": 256, **cfg})
+    with torch.no_grad():
+        d.input_scale.fill_(0.5)
+        d.b_enc.normal_(0, 0.05)
+        d.b_dec.normal_(0, 0.1)
+    x = torch.randn(64, 32) * 2
+    results = []
+    for sparse in (False, True):
+        d.zero_grad()
+        if cfg["kind"] == "topk":
+            d.tokens_since_fired.fill_(1)  # with dead_after_tokens=0 every latent not firing now is dead: AuxK runs
+        parts = d.loss(x, 0.3, sparse=sparse)
+        parts.loss.backward()
+        results.append((parts, {k: p.grad.clone() for k, p in d.named_parameters()}))
+    (plain, g_plain), (fast, g_fast) = results
+    torch.testing.assert_close(fast.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fast.fired, plain.fired) and float(fast.l0) == float(plain.l0)
+    if cfg.get("dead_after_tokens") == 0:
+        assert plain.aux is not None and fast.aux is not None
+    for k in g_plain:
+        torch.testing.assert_close(g_fast[k], g_plain[k], rtol=1e-5, atol=1e-6 * g_plain[k].abs().max())
 
 
 @pytest.mark.parametrize("kind,extra", [("jumprelu", {}), ("topk", {"k": 8}), ("relu", {})])

@@ -22,6 +22,7 @@ from torch import nn
 
 from scope.dictionaries.base import Dictionary, DictionaryConfig
 from scope.dictionaries.losses import LossParts
+from scope.dictionaries.sparse import GatheredPre, SparseDecode, pairs
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -96,12 +97,33 @@ class JumpReLU(Dictionary):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold.to(pre.dtype))
 
-    def loss(self, x: torch.Tensor, sparsity_coeff: float) -> LossParts:
-        """‖x − x̂‖² + λ‖f‖₀ in normalised units, averaged over the batch."""
+    def loss(self, x: torch.Tensor, sparsity_coeff: float, sparse: bool = True) -> LossParts:
+        """‖x − x̂‖² + λ‖f‖₀ in normalised units, averaged over the batch (sparse kernels by default)."""
+        if not sparse or self.cfg.apply_b_dec_to_input:
+            return self._dense_loss(x, sparsity_coeff)
+        eps = self.cfg.bandwidth
+        xs = x.to(self.W_enc.dtype) * self.input_scale
+        theta = self.threshold.float()
+        with torch.no_grad():
+            pre = (xs @ self.W_enc + self.b_enc).float()
+            # Active codes, plus the pairs inside the kernel window, where θ's pseudo-derivative lives.
+            rows, cols = pairs((pre > theta) | ((pre - theta).abs() <= eps / 2))
+        z = GatheredPre.apply(xs, self.W_enc, self.b_enc, pre, rows, cols)
+        th = theta[cols]
+        f = JumpReLUFn.apply(z, th, eps)
+        err = xs - (SparseDecode.apply(f, self.W_dec, rows, cols, x.shape[0]) + self.b_dec)
+        mse = err.pow(2).sum(-1).mean()
+        l0 = StepFn.apply(z, th, eps).sum() / x.shape[0]
+        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
+        fired[cols[z.detach() > th]] = True
+        return LossParts(loss=mse + sparsity_coeff * l0, mse=mse, l0=l0.detach(), fired=fired)
+
+    def _dense_loss(self, x: torch.Tensor, sparsity_coeff: float) -> LossParts:
         pre = self.pre_acts(x)
         theta = self.threshold.float()
         f = JumpReLUFn.apply(pre, theta.to(pre.dtype), self.cfg.bandwidth)
         err = x.to(pre.dtype) * self.input_scale - (f @ self.W_dec + self.b_dec)
         mse = err.pow(2).sum(-1).mean()
         l0 = StepFn.apply(pre, theta.to(pre.dtype), self.cfg.bandwidth).sum(-1).mean()
-        return LossParts(loss=mse + sparsity_coeff * l0, mse=mse, l0=l0.detach(), codes=f.detach())
+        return LossParts(loss=mse + sparsity_coeff * l0, mse=mse, l0=l0.detach(), fired=(f != 0).any(0),
+                         codes=f.detach())

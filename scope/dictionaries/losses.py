@@ -14,5 +14,6 @@ class LossParts:
     loss: torch.Tensor
     mse: torch.Tensor  # mean over the batch of ‖x − x̂‖²
     l0: torch.Tensor  # mean number of active latents per row
-    codes: torch.Tensor  # detached codes, for firing statistics
+    fired: torch.Tensor  # [d_sae] bool: latents active on at least one row of the batch
     aux: torch.Tensor | None = None  # auxiliary loss (AuxK), already included in ``loss``
+    codes: torch.Tensor | None = None  # dense codes, when the plain path computed them anyway

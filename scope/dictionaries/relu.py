@@ -27,9 +27,11 @@ class ReLU(Dictionary):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)
 
-    def loss(self, x: torch.Tensor, sparsity_coeff: float) -> LossParts:
+    def loss(self, x: torch.Tensor, sparsity_coeff: float, sparse: bool = False) -> LossParts:
+        """Plain path only: a ReLU SAE's codes are not sparse early in training."""
         f = self.encode(x)
         err = x.to(f.dtype) * self.input_scale - (f @ self.W_dec + self.b_dec)
         mse = err.pow(2).sum(-1).mean()
         l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
-        return LossParts(loss=mse + sparsity_coeff * l1, mse=mse, l0=(f > 0).float().sum(-1).mean(), codes=f.detach())
+        return LossParts(loss=mse + sparsity_coeff * l1, mse=mse, l0=(f > 0).float().sum(-1).mean(),
+                         fired=(f > 0).any(0), codes=f.detach())

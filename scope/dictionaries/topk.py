@@ -19,6 +19,7 @@ import torch
 
 from scope.dictionaries.base import Dictionary, DictionaryConfig
 from scope.dictionaries.losses import LossParts
+from scope.dictionaries.sparse import GatheredPre, SparseDecode, pairs
 
 
 class TopKConfig(DictionaryConfig):
@@ -64,34 +65,81 @@ class TopK(Dictionary):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return self._select(pre, training=False)
 
-    def loss(self, x: torch.Tensor, sparsity_coeff: float = 0.0) -> LossParts:
+    def _selected_pairs(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row-major (row, latent) pairs the training-time selection keeps."""
+        k, sel = self.cfg.k, self.cfg.selection
+        pre = torch.relu(pre)
+        if sel == "statistical":
+            return pairs(pre > statistical_threshold(pre, k))
+        if sel == "batch":
+            idx = pre.reshape(-1).topk(k * pre.shape[0], sorted=False).indices.sort().values
+            idx = idx[pre.reshape(-1)[idx] > 0]
+            return idx // pre.shape[1], idx % pre.shape[1]
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        idx, order = idx.sort(dim=-1)  # CSR order: columns ascending within each row
+        keep = vals.gather(-1, order).reshape(-1) > 0  # a row may have fewer than k positive entries
+        rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+        return rows[keep], idx.reshape(-1)[keep]
+
+    def loss(self, x: torch.Tensor, sparsity_coeff: float = 0.0, sparse: bool = True) -> LossParts:
         """‖x − x̂‖² plus the AuxK loss; sparsity is set by k, so the coefficient is unused."""
+        if not sparse:
+            return self._dense_loss(x)
+        xs = x.to(self.W_enc.dtype) * self.input_scale
+        xin = xs - self.b_dec if self.cfg.apply_b_dec_to_input else xs
+        with torch.no_grad():
+            pre = (xin @ self.W_enc + self.b_enc).float()
+            rows, cols = self._selected_pairs(pre)
+        f = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, rows, cols)
+        err = xs - (SparseDecode.apply(f, self.W_dec, rows, cols, x.shape[0]) + self.b_dec)
+        mse = err.pow(2).sum(-1).mean()
+        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
+        fired[cols] = True
+        self._track(fired, x.shape[0], f.detach())
+        aux = self._aux_loss(pre, err, lambda r, c: (GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, r, c), r, c))
+        total = mse if aux is None else mse + self.cfg.aux_coeff * aux
+        return LossParts(loss=total, mse=mse, l0=torch.tensor(len(rows) / x.shape[0]), fired=fired, aux=aux)
+
+    def _dense_loss(self, x: torch.Tensor) -> LossParts:
         pre = self.pre_acts(x)
         f = self._select(pre, training=True)
-        target = x.to(pre.dtype) * self.input_scale
-        recon = f @ self.W_dec + self.b_dec
-        err = target - recon
+        err = x.to(pre.dtype) * self.input_scale - (f @ self.W_dec + self.b_dec)
         mse = err.pow(2).sum(-1).mean()
-        with torch.no_grad():
-            fired = (f > 0).any(0)
-            self.tokens_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
-            if self.cfg.selection == "batch":
-                active = f[f > 0]
-                if active.numel():
-                    self.threshold.lerp_(active.min().to(self.threshold.dtype), 0.01 if self.threshold > 0 else 1.0)
+        fired = (f > 0).any(0)
+        self._track(fired, x.shape[0], f[f > 0].detach())
         aux = self._aux_loss(pre, err)
         total = mse if aux is None else mse + self.cfg.aux_coeff * aux
-        return LossParts(loss=total, mse=mse, l0=(f > 0).float().sum(-1).mean(), codes=f.detach(), aux=aux)
+        return LossParts(loss=total, mse=mse, l0=(f > 0).float().sum(-1).mean(), fired=fired, aux=aux,
+                         codes=f.detach())
 
-    def _aux_loss(self, pre: torch.Tensor, err: torch.Tensor) -> torch.Tensor | None:
+    @torch.no_grad()
+    def _track(self, fired: torch.Tensor, rows: int, active: torch.Tensor) -> None:
+        """Dead-latent clock for AuxK, and BatchTopK's inference threshold."""
+        self.tokens_since_fired.add_(rows).masked_fill_(fired, 0)
+        if self.cfg.selection == "batch" and active.numel():
+            self.threshold.lerp_(active.min().to(self.threshold.dtype), 0.01 if self.threshold > 0 else 1.0)
+
+    def _aux_loss(self, pre: torch.Tensor, err: torch.Tensor, gather=None) -> torch.Tensor | None:
+        """Reconstruct the detached residual from the top ``aux_k`` dead latents (Gao et al., App. A.2)."""
         dead = self.tokens_since_fired > self.cfg.dead_after_tokens
         n_dead = int(dead.sum())
         if n_dead == 0:
             return None
         k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, n_dead)
-        dead_pre = torch.relu(pre).masked_fill(~dead, 0.0)
-        vals, idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
-        aux_recon = torch.zeros_like(dead_pre).scatter(-1, idx, vals) @ self.W_dec
         residual = err.detach()
         scale = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+        if gather is None:
+            dead_pre = torch.relu(pre).masked_fill(~dead, 0.0)
+            vals, idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
+            aux_recon = torch.zeros_like(dead_pre).scatter(-1, idx, vals) @ self.W_dec
+        else:
+            with torch.no_grad():
+                vals, idx = torch.relu(pre).masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
+                idx, order = idx.sort(-1)
+                # Only positive dead entries: top-k pads short rows with masked zeros of live latents.
+                keep = vals.gather(-1, order).reshape(-1) > 0
+                rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k_aux)[keep]
+            z, r, c = gather(rows, idx.reshape(-1)[keep])
+            aux_recon = SparseDecode.apply(torch.relu(z), self.W_dec, r, c, pre.shape[0])
         return (residual - aux_recon).pow(2).sum(-1).mean() / scale
+

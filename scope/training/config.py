@@ -54,6 +54,7 @@ class TrainerSettings(_Strict):
     sparsity_warmup_steps: int = Field(10_000, ge=0, description="λ rises linearly from 0 over these steps")
     seed: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"
+    sparse_kernels: bool = Field(True, description="gradients only at active codes (same values; see dictionaries/sparse.py)")
     device: str | None = None
     checkpoint_every: int = Field(1000, gt=0)
     log_every: int = Field(50, gt=0)

@@ -169,7 +169,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
             for group in run.opt.param_groups:
                 group["lr"] = (run.spec.lr or t.lr) * lr_mult
             with autocast:
-                parts = run.sae.loss(x, run.spec.sparsity_coeff * lam_mult)
+                parts = run.sae.loss(x, run.spec.sparsity_coeff * lam_mult, sparse=t.sparse_kernels)
             parts.loss.backward()
             if world > 1:
                 _average_grads(run.sae, world)
@@ -178,7 +178,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
             run.opt.step()
             run.opt.zero_grad(set_to_none=True)
             run.sae.project()
-            fired = (parts.codes != 0).any(0)
+            fired = parts.fired
             if world > 1:
                 fired = fired.to(torch.int32)
                 dist.all_reduce(fired, op=dist.ReduceOp.MAX)

@@ -1,0 +1,88 @@
+"""Sparse training kernels: gradients only where codes can be non-zero.
+
+A dictionary with L0 ≈ 50 of 16k latents spends most of a plain training step multiplying zeros:
+decoding, the gradient of the codes, and the gradients of W_dec and W_enc are all dense
+[batch × d_sae] products. Given the (row, latent) pairs that matter — the active codes, plus for
+JumpReLU the pairs inside the threshold window whose pseudo-derivative is non-zero — these
+functions compute the same values and gradients from those pairs alone:
+
+* :class:`GatheredPre` — pre-activations z at the pairs; backward gives W_enc and b_enc their
+  gradients through a sparse ``[d_sae × batch] @ [batch × d_in]`` product (the encoder's forward
+  matmul stays dense: every pre-activation must be seen to know which are active).
+* :class:`SparseDecode` — x̂ = Σ f·W_dec over the pairs (``embedding_bag``); backward gives the
+  codes' gradient by a sampled dense-dense product and W_dec's by a sparse product.
+
+The plain eager path (``loss(..., sparse=False)``) stays as the reference; tests compare them.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+# CSR tensors are built here from indices that are valid by construction.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+
+
+def _csr(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """CSR matrix from row-major sorted (row, col) pairs."""
+    crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=rows.device)
+    crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
+    return torch.sparse_csr_tensor(crow, cols, vals, shape)
+
+
+def _transpose_times(rows, cols, vals, n_rows: int, n_cols: int, dense: torch.Tensor) -> torch.Tensor:
+    """Sᵀ @ dense for the sparse S[rows, cols] = vals of shape [n_rows, n_cols]."""
+    order = torch.argsort(cols * n_rows + rows)
+    st = _csr(cols[order], rows[order], vals[order], (n_cols, n_rows))
+    return torch.sparse.mm(st, dense)
+
+
+class GatheredPre(torch.autograd.Function):
+    """z[rows, cols] where z = x W_enc + b_enc was computed without autograd."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, pre, rows, cols):
+        ctx.save_for_backward(x, W_enc, rows, cols)
+        return pre[rows, cols]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, W_enc, rows, cols = ctx.saved_tensors
+        grad = grad.to(x.dtype)
+        grad_W_enc = _transpose_times(rows, cols, grad, x.shape[0], W_enc.shape[1], x).T
+        grad_b_enc = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # e.g. b_dec subtracted from the input (TopK)
+            grad_x = torch.sparse.mm(_csr(rows, cols, grad, (x.shape[0], W_enc.shape[1])), W_enc.T)
+        return grad_x, grad_W_enc, grad_b_enc, None, None, None
+
+
+class SparseDecode(torch.autograd.Function):
+    """x̂[b] = Σ over pairs (b, i) of f · W_dec[i]  (without b_dec)."""
+
+    @staticmethod
+    def forward(ctx, vals, W_dec, rows, cols, batch):
+        ctx.save_for_backward(vals, W_dec, rows, cols)
+        ctx.batch = batch
+        offsets = torch.zeros(batch, dtype=torch.long, device=rows.device)
+        offsets[1:] = torch.bincount(rows, minlength=batch).cumsum(0)[:-1]
+        return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals.to(W_dec.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        vals, W_dec, rows, cols = ctx.saved_tensors
+        grad = grad.contiguous().to(W_dec.dtype)
+        mask = _csr(rows, cols, torch.ones_like(vals, dtype=W_dec.dtype), (ctx.batch, W_dec.shape[0]))
+        grad_vals = torch.sparse.sampled_addmm(mask, grad, W_dec.T, beta=0.0).values()
+        grad_W_dec = _transpose_times(rows, cols, vals.to(W_dec.dtype), ctx.batch, W_dec.shape[0], grad)
+        return grad_vals.to(vals.dtype), grad_W_dec, None, None, None
+
+
+def pairs(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major (row, col) indices of a boolean [batch, d_sae] mask."""
+    idx = mask.nonzero()
+    return idx[:, 0], idx[:, 1]
