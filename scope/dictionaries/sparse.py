@@ -22,16 +22,15 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-# CSR tensors are built here from indices that are valid by construction.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
 def _csr(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """CSR matrix from row-major sorted (row, col) pairs."""
     crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=rows.device)
     crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
-    return torch.sparse_csr_tensor(crow, cols, vals, shape)
+    with warnings.catch_warnings():  # torch's "beta" notice; the indices are valid by construction
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
 
 
 def _transpose_times(rows, cols, vals, n_rows: int, n_cols: int, dense: torch.Tensor) -> torch.Tensor:
