@@ -227,3 +227,14 @@ def test_killed_capture_resumes_to_an_identical_store(tmp_path):
     for s in _shard_crcs(clean):
         assert (killed / s[0]).read_bytes() == (clean / s[0]).read_bytes()
     assert (killed / "documents.jsonl").read_text() == (clean / "documents.jsonl").read_text()
+
+
+def test_plan_cuts_windows_only_at_the_token_budget(tmp_path):
+    from scope.data import Window
+    from scope.store.capture import _plan
+
+    windows = [Window(i, 0, tuple([2] + [5] * (10 + i % 7))) for i in range(200)]
+    plans = [s for s, _ in _plan(iter(windows), 1000, 100, {2}, StoreFS(str(tmp_path / "none")))]
+    assert sum(s.rows for s in plans) == 1000 and all(s.rows >= 100 for s in plans[:-1])
+    cut = [(s.index, j) for s in plans for j, (w, k) in enumerate(zip(s.windows, s.keep)) if len(k) < len(w.tokens) - 1]
+    assert cut == [(plans[-1].index, len(plans[-1].windows) - 1)], "only the very last window may be cut"

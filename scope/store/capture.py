@@ -59,13 +59,16 @@ def _plan(windows: Iterator[Window], tokens: int, shard_rows: int, drop: set[int
     windows = iter(windows)
     while rows < tokens:
         done = read_sidecar(fs, index)
-        target = done.rows if done is not None else min(shard_rows, tokens - rows)
+        # Windows are cut only by the token budget (or a completed shard's record), never at a shard
+        # boundary: a shard may end up to one window over ``shard_rows``.
+        limit = done.rows if done is not None else tokens - rows
+        target = done.rows if done is not None else min(shard_rows, limit)
         shard = _PlannedShard(index, window_no)
         while shard.rows < target and (done is None or len(shard.windows) < done.n_windows):
             w = next(windows, None)
             if w is None:
                 break
-            shard.add(w, [i for i, t in enumerate(w.tokens) if t not in drop][: target - shard.rows])
+            shard.add(w, [i for i, t in enumerate(w.tokens) if t not in drop][: limit - shard.rows])
             window_no += 1
         if not shard.windows:
             return

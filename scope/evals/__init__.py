@@ -1,0 +1,69 @@
+"""Evaluating dictionaries: reconstruction metrics over a store and spliced-in language-model loss.
+
+:func:`evaluate` combines both into one JSON-ready dict; see docs/methods/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from scope.dictionaries.base import Dictionary
+from scope.errors import ScopeError
+from scope.evals.frontier import frontier_figure, write_frontier
+from scope.evals.lm_loss import (LMLossMetrics, lm_loss_on_windows, load_store_model, spliced_lm_loss,
+                                 store_windows)
+from scope.evals.reconstruction import DENSE_THRESHOLD, ReconstructionMetrics, reconstruction_metrics
+from scope.models import LoadedModel
+from scope.store.reader import ActivationStore
+
+__all__ = ["DENSE_THRESHOLD", "LMLossMetrics", "ReconstructionMetrics", "evaluate", "frontier_figure",
+           "lm_loss_on_windows", "load_store_model", "reconstruction_metrics", "spliced_lm_loss", "store_windows",
+           "write_frontier"]
+
+
+def evaluate(
+    sae: Dictionary,
+    store: ActivationStore,
+    model: LoadedModel | None = None,
+    lm_tokens: int = 4096,
+    hook: str | None = None,
+    name: str | None = None,
+    max_rows: int | None = None,
+    batch_size: int = 4096,
+    lm_batch_size: int = 4,
+    dense_threshold: float = DENSE_THRESHOLD,
+    device: str | torch.device | None = None,
+    frequencies: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Reconstruction metrics and (when a model is given or loadable) spliced-in LM loss, as one dict.
+
+    ``store`` is the view to evaluate on, normally the held-out split (``store.split(...)[1]``).
+    ``lm_tokens=0`` skips the language-model part; with ``model=None`` the store's own model is
+    loaded, and if that fails the dict holds ``"lm": None`` and the reason under ``"lm_error"``.
+    """
+    if lm_tokens < 0:
+        raise ScopeError(f"lm_tokens must be 0 (skip) or positive, got {lm_tokens}")
+    if device is None and model is not None:
+        device = model.device  # keep the SAE next to the model it will be spliced into
+    recon = reconstruction_metrics(sae, store, hook=hook, max_rows=max_rows, batch_size=batch_size,
+                                   device=device, dense_threshold=dense_threshold)
+    out: dict[str, Any] = {"name": name or sae.cfg.kind, "kind": sae.cfg.kind, "d_in": sae.cfg.d_in,
+                           "d_sae": sae.cfg.d_sae, "store": store.url, "documents": len(store.documents),
+                           **recon.to_dict(frequencies=frequencies), "lm": None}
+    if lm_tokens == 0:
+        return out
+    if model is None:
+        try:
+            model = load_store_model(store, device=device)
+        except ScopeError as err:
+            warnings.warn(f"skipping the language-model loss: {err}", stacklevel=2)
+            out["lm_error"] = str(err)
+            return out
+    lm = spliced_lm_loss(sae, model, store, hook=recon.hook, max_tokens=lm_tokens, batch_size=lm_batch_size,
+                         progress=progress)
+    out["lm"] = lm.to_dict()
+    return out

@@ -1,0 +1,227 @@
+"""Language-model loss with a dictionary's reconstruction spliced in at its hook.
+
+The model runs three times on the same held-out context windows: clean, with the hook's
+activation replaced by sae(x) ("spliced"), and with it replaced by zeros ("zero-ablated").
+From the next-token cross-entropies come delta loss = CE_spliced − CE_clean and
+CE loss recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean), plus the mean per-token
+KL(clean ‖ spliced). Position 0 (BOS) is left unchanged by default: stores exclude BOS, so the
+dictionary never saw it, and its huge norm would dominate the error.
+
+Sources: Lieberum et al. 2024, "Gemma Scope" (arXiv 2408.05147): delta loss, the increase in
+next-token loss when the SAE's reconstruction replaces the activation, as the fidelity measure;
+Bricken et al. 2023, "Towards Monosemanticity": loss recovered against a zero-ablation baseline.
+See docs/methods/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from scope.data import Window, iter_windows, open_source
+from scope.dictionaries.base import Dictionary
+from scope.errors import ScopeError
+from scope.hooks import check_hooks
+from scope.models import LoadedModel, load_model
+from scope.store.reader import ActivationStore
+
+Mode = Literal["spliced", "zero"]
+
+
+@dataclass
+class LMLossMetrics:
+    """Next-token cross-entropy (nats per token) clean, spliced and zero-ablated, and their ratios."""
+
+    hook: str
+    windows: int
+    tokens: int  # predicted positions (a target token that is not padding)
+    clean_ce: float
+    spliced_ce: float
+    zero_ce: float
+    delta_loss: float  # spliced − clean
+    ce_loss_recovered: float  # (zero − spliced) / (zero − clean)
+    kl: float  # mean over predicted positions of KL(p_clean ‖ p_spliced)
+    splice_bos: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_store_model(store: ActivationStore, device: str | torch.device | None = None) -> LoadedModel:
+    """The model a store was captured from, in the dtype it was captured in."""
+    cfg = store.manifest.config
+    model = load_model(cfg.model, dtype=cfg.model_dtype, device=device)
+    if cfg.model_revision and model.facts.revision and model.facts.revision != cfg.model_revision:
+        warnings.warn(f"store {store.url!r} was captured from {cfg.model} revision {cfg.model_revision}, "
+                      f"but the model loaded now is revision {model.facts.revision}", stacklevel=2)
+    return model
+
+
+def store_windows(store: ActivationStore, tokenizer: Any, max_tokens: int | None = None) -> list[Window]:
+    """The context windows of the documents in a store view, rebuilt from the store's manifest.
+
+    Windows are cut exactly as at capture (same source, document order and context length), so a
+    held-out view gives windows of held-out documents only. At most ``max_tokens`` tokens (BOS
+    included): the last window is cut short to fit.
+    """
+    cfg = store.manifest.config
+    wanted = set(store.documents)
+    if not wanted:
+        raise ScopeError(f"store {store.url!r} has no documents in this view (an empty held-out split?); "
+                         "raise the held-out fraction or capture more tokens")
+    source = open_source(cfg.source.spec, text_column=cfg.source.text_column, label_column=cfg.source.label_column)
+    if source.fingerprint != cfg.source.fingerprint:
+        raise ScopeError(f"text source {cfg.source.spec!r} has changed since store {store.url!r} was captured "
+                         f"(fingerprint {source.fingerprint} != {cfg.source.fingerprint}); its documents cannot "
+                         "be matched to the store's")
+    docs = [d for d in source.documents(cfg.seed) if d.doc_id in wanted]
+    out: list[Window] = []
+    total = 0
+    for w in iter_windows(tokenizer, docs, cfg.context):
+        room = len(w.tokens) if max_tokens is None else min(len(w.tokens), max_tokens - total)
+        if room >= 2:  # a window needs BOS plus one token to predict anything
+            out.append(Window(w.doc_id, w.start, w.tokens[:room]))
+            total += room
+        if max_tokens is not None and total >= max_tokens - 1:
+            break
+    return out
+
+
+def _batches(windows: Sequence[Window], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-padded token and attention-mask tensors, ``batch_size`` windows at a time."""
+    for a in range(0, len(windows), batch_size):
+        chunk = windows[a : a + batch_size]
+        length = max(len(w.tokens) for w in chunk)
+        toks = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), length), dtype=torch.long)
+        for r, w in enumerate(chunk):
+            toks[r, : len(w.tokens)] = torch.tensor(w.tokens)
+            mask[r, : len(w.tokens)] = 1
+        yield toks, mask
+
+
+def _replacement(sae: Dictionary, mode: Mode, splice_bos: bool) -> Callable[..., torch.Tensor]:
+    """A forward hook that swaps the activation ``[batch, pos, ...]`` for sae(x) or zeros."""
+
+    def hook_fn(x: torch.Tensor, *, hook: Any) -> torch.Tensor:
+        flat = x.reshape(*x.shape[:2], -1)
+        if flat.shape[-1] != sae.cfg.d_in:
+            raise ScopeError(f"hook {hook.name} has width {flat.shape[-1]} but the SAE expects {sae.cfg.d_in}")
+        new = sae(flat.to(sae.W_enc.dtype)).to(x.dtype) if mode == "spliced" else torch.zeros_like(flat)
+        if not splice_bos:
+            new[:, 0] = flat[:, 0]
+        return new.reshape(x.shape)
+
+    return hook_fn
+
+
+def _log_probs(model: LoadedModel, toks: torch.Tensor, mask: torch.Tensor,
+               hooks: list[tuple[str, Callable[..., torch.Tensor]]]) -> torch.Tensor:
+    """Float32 log-probabilities ``[batch, pos, vocab]``, normalised in place to keep one copy."""
+    with model.bridge.hooks(fwd_hooks=hooks):
+        logits = model.bridge(toks, attention_mask=mask)
+    lp = logits.float()
+    lp -= lp.logsumexp(-1, keepdim=True)
+    return lp
+
+
+def _nll_sum(lp: torch.Tensor, toks: torch.Tensor, keep: torch.Tensor) -> float:
+    """Σ −log p(next token) over the kept positions."""
+    nll = -lp[:, :-1].gather(-1, toks[:, 1:, None]).squeeze(-1)
+    return float(nll[keep].double().sum())
+
+
+def _kl_sum(lp_p: torch.Tensor, lp_q: torch.Tensor, keep: torch.Tensor) -> float:
+    """Σ KL(p ‖ q) over the kept positions, one window at a time to bound the temporaries."""
+    total = 0.0
+    for r in range(lp_p.shape[0]):
+        p, q = lp_p[r, :-1][keep[r]], lp_q[r, :-1][keep[r]]
+        total += float((p.exp() * (p - q)).sum(-1).double().sum())
+    return total
+
+
+@torch.inference_mode()
+def lm_loss_on_windows(
+    sae: Dictionary,
+    model: LoadedModel,
+    windows: Sequence[Window],
+    hook: str,
+    batch_size: int = 4,
+    splice_bos: bool = False,
+    progress: bool = True,
+) -> LMLossMetrics:
+    """Clean, spliced and zero-ablated next-token CE and KL(clean ‖ spliced) over given windows.
+
+    Memory: one batch's log-probabilities for two runs at a time (``2 · batch · context · vocab``
+    floats; 262,144 vocab ⇒ 2 MiB per position), whatever the number of windows.
+    ``sae`` is moved (in place) to the model's device.
+    """
+    check_hooks(model, [hook])
+    if batch_size <= 0:
+        raise ScopeError(f"batch size must be positive, got {batch_size}")
+    if not windows:
+        raise ScopeError("no context windows to evaluate the language-model loss on")
+    sae.to(model.device)
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    splice = [(hook, _replacement(sae, "spliced", splice_bos))]
+    zero = [(hook, _replacement(sae, "zero", splice_bos))]
+    n = clean = spliced = zeroed = kl = 0.0
+    bar = tqdm(total=sum(len(w.tokens) for w in windows), desc="lm loss", unit="tok", disable=not progress,
+               dynamic_ncols=True)
+    for toks, mask in _batches(windows, batch_size, pad_id):
+        toks, mask = toks.to(model.device), mask.to(model.device)
+        # Right padding: a target is real iff its own position is; earlier positions never see pads.
+        keep = mask[:, 1:].bool()
+        n += float(keep.sum())
+        lp_clean = _log_probs(model, toks, mask, [])
+        clean += _nll_sum(lp_clean, toks, keep)
+        lp = _log_probs(model, toks, mask, splice)
+        spliced += _nll_sum(lp, toks, keep)
+        kl += _kl_sum(lp_clean, lp, keep)
+        del lp  # free the spliced copy before the zero-ablated one is made
+        lp = _log_probs(model, toks, mask, zero)
+        zeroed += _nll_sum(lp, toks, keep)
+        del lp, lp_clean
+        bar.update(int(mask.sum()))
+    bar.close()
+    ce_c, ce_s, ce_z = clean / n, spliced / n, zeroed / n
+    return LMLossMetrics(
+        hook=hook, windows=len(windows), tokens=int(n), clean_ce=ce_c, spliced_ce=ce_s, zero_ce=ce_z,
+        delta_loss=ce_s - ce_c, ce_loss_recovered=(ce_z - ce_s) / (ce_z - ce_c) if ce_z != ce_c else float("nan"),
+        kl=kl / n, splice_bos=splice_bos,
+    )
+
+
+def spliced_lm_loss(
+    sae: Dictionary,
+    model: LoadedModel,
+    store: ActivationStore,
+    hook: str | None = None,
+    max_tokens: int = 4096,
+    batch_size: int = 4,
+    splice_bos: bool | None = None,
+    progress: bool = True,
+) -> LMLossMetrics:
+    """Spliced-in LM loss on the documents of a store view (typically its held-out split).
+
+    ``splice_bos`` defaults to whether the store kept BOS rows (then the dictionary saw BOS).
+    """
+    hook = hook or sae.cfg.hook or (next(iter(store.hooks)) if len(store.hooks) == 1 else None)
+    if hook is None:
+        raise ScopeError(f"the SAE does not name its hook and store {store.url!r} holds several; pass hook=")
+    if max_tokens < 2:
+        raise ScopeError(f"the language-model loss needs at least 2 tokens, got max_tokens={max_tokens}")
+    cfg = store.manifest.config
+    if cfg.model != model.spec:
+        warnings.warn(f"store {store.url!r} was captured from {cfg.model!r}; evaluating on {model.spec!r}",
+                      stacklevel=2)
+    if splice_bos is None:
+        splice_bos = "bos" not in cfg.excluded
+    windows = store_windows(store, model.tokenizer, max_tokens)
+    return lm_loss_on_windows(sae, model, windows, hook, batch_size=batch_size, splice_bos=splice_bos,
+                              progress=progress)
