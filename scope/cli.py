@@ -227,7 +227,7 @@ def eval_(
     as_json: JsonOpt = False,
 ) -> None:
     """L0, FVU, cosine, dead/dense latents and spliced-in LM loss of SAEs on a store's held-out documents."""
-    from scope.dictionaries import load
+    from scope.dictionaries.interop import load_any
     from scope.evals import evaluate, load_store_model, write_frontier
     from scope.models import default_device
     from scope.store import ActivationStore
@@ -239,7 +239,7 @@ def eval_(
         raise ScopeError(f"the held-out split of {store} ({held_out:.0%} of its {len(ActivationStore(store).documents)} "
                          "documents) is empty; raise --held-out or capture more tokens")
     dev = default_device(device)
-    saes = [(Path(p).name, load(p, device=dev)) for p in sae]
+    saes = [(Path(p).name, load_any(p, device=dev)) for p in sae]
     tokens = 0 if no_lm else lm_tokens
     model = load_store_model(test, device=dev) if tokens else None  # one model for the whole sweep
     results = [evaluate(d, test, model=model, lm_tokens=tokens, name=name, max_rows=max_rows, device=dev,
@@ -266,6 +266,83 @@ def _eval_table(out: dict) -> str:
     if out["html"]:
         lines.append(f"frontier written to {out['html']}")
     return "\n".join(lines)
+
+
+import_app = typer.Typer(help="Bring dictionaries from other tools into scope's layout.", no_args_is_help=True)
+export_app = typer.Typer(help="Write scope dictionaries in other tools' layouts.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
+app.add_typer(export_app, name="export")
+
+
+@import_app.command("gemma-scope")
+@friendly
+def import_gemma_scope(
+    source: Annotated[str, typer.Argument(help="params.npz, a Gemma Scope 2 folder, or a hub repo such as google/gemma-scope-2b-pt-res.")],
+    path_in_repo: Annotated[Optional[str], typer.Argument(help="With a hub repo: e.g. layer_20/width_16k/average_l0_71/params.npz.")] = None,
+    out: Annotated[str, typer.Option(help="scope dictionary folder to write.")] = "",
+    revision: Annotated[Optional[str], typer.Option()] = None,
+    hook: Annotated[Optional[str], typer.Option(help="Hook the SAE reads, when it cannot be inferred.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model the SAE belongs to, when it cannot be inferred.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import a Gemma Scope (or Gemma Scope 2) JumpReLU SAE."""
+    from scope.dictionaries.interop import load_gemma_scope
+
+    if not out:
+        raise ScopeError("--out is required: the folder to write the scope dictionary to")
+    sae = load_gemma_scope(source, path_in_repo, revision=revision, hook=hook, model=model)
+    _saved(sae, sae.save(out), as_json)
+
+
+@import_app.command("saelens")
+@friendly
+def import_saelens(folder: str, out: Annotated[str, typer.Option(help="scope dictionary folder to write.")],
+                   as_json: JsonOpt = False) -> None:
+    """Import a SAELens folder (cfg.json + sae_weights.safetensors)."""
+    from scope.dictionaries.interop import from_saelens
+
+    sae = from_saelens(folder)
+    _saved(sae, sae.save(out), as_json)
+
+
+@export_app.command("saelens")
+@friendly
+def export_saelens(sae: str, out: str, as_json: JsonOpt = False) -> None:
+    """Write a dictionary in the SAELens layout, so SAE.load_from_disk opens it."""
+    from scope.dictionaries.interop import load_any, to_saelens
+
+    d = load_any(sae)
+    _saved(d, to_saelens(d, out), as_json)
+
+
+def _saved(sae, path, as_json: bool) -> None:
+    info = {"path": str(path), "kind": sae.kind, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "hook": sae.cfg.hook,
+            "model": sae.cfg.model}
+    _emit(info, as_json, f"wrote {sae.kind} dictionary {sae.cfg.d_in}x{sae.cfg.d_sae} (hook {sae.cfg.hook}) to {path}")
+
+
+@app.command()
+@friendly
+def push(folder: str, repo_id: str,
+         path_in_repo: Annotated[Optional[str], typer.Option(help="Subfolder in the repo (default: the root).")] = None,
+         private: Annotated[bool, typer.Option(help="Create the repo as private.")] = False,
+         as_json: JsonOpt = False) -> None:
+    """Upload a dictionary folder to a Hugging Face hub repo (token from HF_TOKEN or `hf auth login`)."""
+    from scope.dictionaries.interop import push_to_hub
+
+    url = push_to_hub(folder, repo_id, path_in_repo, private=private)
+    _emit({"url": url}, as_json, f"pushed {folder} to {url}")
+
+
+@app.command()
+@friendly
+def pull(repo_id: str, path_in_repo: Annotated[Optional[str], typer.Argument()] = None,
+         revision: Annotated[Optional[str], typer.Option()] = None, as_json: JsonOpt = False) -> None:
+    """Download a dictionary folder from a Hugging Face hub repo; prints the local folder."""
+    from scope.dictionaries.interop import pull_from_hub
+
+    path = pull_from_hub(repo_id, path_in_repo, revision)
+    _emit({"path": str(path)}, as_json, str(path))
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m scope`

@@ -85,3 +85,28 @@ def test_torchrun_two_processes_write_one_store_equal_to_one_process(tmp_path):
     a = torch.cat(list(ActivationStore(str(tmp_path / "one")).batches("blocks.6.hook_resid_post", shuffle=False)))
     b = torch.cat(list(ActivationStore(str(tmp_path / "two")).batches("blocks.6.hook_resid_post", shuffle=False)))
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-2)
+
+
+def test_import_gemma_scope_export_saelens_and_back(tmp_path):
+    import numpy as np
+    import torch
+
+    from scope.dictionaries import load
+
+    g = np.random.default_rng(0)
+    d, m = 8, 32
+    arrays = {"W_enc": g.normal(size=(d, m)), "W_dec": g.normal(size=(m, d)), "b_enc": g.normal(size=m) * 0.1,
+              "b_dec": g.normal(size=d), "threshold": np.abs(g.normal(size=m)) * 0.1}
+    np.savez(tmp_path / "params.npz", **{k: v.astype(np.float32) for k, v in arrays.items()})
+    assert run("import", "gemma-scope", str(tmp_path / "params.npz"), "--out", str(tmp_path / "gs"),
+               "--hook", "blocks.3.hook_resid_post").exit_code == 0
+    assert run("export", "saelens", str(tmp_path / "gs"), str(tmp_path / "sl")).exit_code == 0
+    result = run("import", "saelens", str(tmp_path / "sl"), "--out", str(tmp_path / "back"), "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["kind"] == "jumprelu"
+    x = torch.from_numpy(g.normal(size=(16, d)).astype(np.float32))
+    pre = x @ torch.from_numpy(arrays["W_enc"]).float() + torch.from_numpy(arrays["b_enc"]).float()
+    f = pre * (pre > torch.from_numpy(arrays["threshold"]).float())
+    want = f @ torch.from_numpy(arrays["W_dec"]).float() + torch.from_numpy(arrays["b_dec"]).float()
+    torch.testing.assert_close(load(tmp_path / "back")(x), want, rtol=1e-5, atol=1e-5)
+    bad = run("import", "saelens", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"))
+    assert bad.exit_code == 2 and "nothing" in bad.output
