@@ -194,23 +194,57 @@ def _last_metrics(out: Path) -> dict:
 @friendly
 def quickstart(
     out: Annotated[str, typer.Option(help="Folder for everything the quickstart writes.")] = "scope-out",
-    tokens: Annotated[int, typer.Option(help="Tokens to capture.")] = 100_000,
+    tokens: Annotated[int, typer.Option(help="Tokens of text to capture.")] = 150_000,
     corpus: Annotated[str, typer.Option(help="Bundled corpus.")] = "wiki",
+    d_sae: Annotated[int, typer.Option(help="Latents of the JumpReLU SAE.")] = 4096,
+    train_tokens: Annotated[int, typer.Option(help="Training length in token-steps.")] = 600_000,
+    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 4096,
+    lm_tokens: Annotated[int, typer.Option(help="Held-out tokens for the spliced-in LM loss.")] = 2048,
     as_json: JsonOpt = False,
 ) -> None:
-    """The main job on the bundled Gemma 3 270M: capture layer-6 residual activations of a corpus."""
+    """The main job on the bundled Gemma 3 270M: capture layer 6, train a JumpReLU SAE, evaluate it."""
     from scope.data import open_source
+    from scope.dictionaries import load
+    from scope.evals import evaluate
     from scope.models import load_model
     from scope.store import ActivationStore
     from scope.store.capture import capture_store
+    from scope.training import load_config
+    from scope.training import train as run_training
 
     t0 = time.time()
-    m = load_model("gemma-3-270m")
+    hook = "blocks.6.hook_resid_post"
+    model = load_model("gemma-3-270m")
     store_dir = str(Path(out) / "store")
-    capture_store(m, open_source(corpus), ["blocks.6.hook_resid_post"], store_dir, tokens, context=128)
-    info = ActivationStore(store_dir, verify=False).info()
-    info["seconds"] = round(time.time() - t0, 1)
-    _emit(info, as_json, "quickstart wrote " + _describe(info) + f"\n(total {info['seconds']} s)")
+    typer.echo(f"[1/3] capturing {tokens:,} tokens of {corpus} at {hook} -> {store_dir}", err=True)
+    capture_store(model, open_source(corpus), [hook], store_dir, tokens, context=128)
+    typer.echo(f"[2/3] training a JumpReLU SAE with {d_sae:,} latents for {train_tokens:,} token-steps", err=True)
+    cfg = load_config(data={
+        "store": store_dir, "hook": hook,
+        "trainer": {"total_tokens": train_tokens, "batch_size": batch_size, "lr": QUICKSTART_LR,
+                    "lr_warmup_steps": 10, "sparsity_warmup_steps": max(1, train_tokens // batch_size // 4),
+                    "log_every": 10, "checkpoint_every": 50},
+        "dictionaries": [{"name": "jumprelu", "kind": "jumprelu", "d_sae": d_sae,
+                          "sparsity_coeff": QUICKSTART_SPARSITY}]})
+    sae_dir = run_training(cfg, Path(out) / "sae")["jumprelu"]
+    typer.echo(f"[3/3] evaluating on held-out documents ({lm_tokens:,} tokens for the LM loss)", err=True)
+    held_out = ActivationStore(store_dir).split(0.1, seed=0)[1]
+    metrics = evaluate(load(sae_dir), held_out, model=model, lm_tokens=lm_tokens, name="jumprelu", progress=True)
+    result = {"out": out, "store": store_dir, "sae": str(sae_dir), "metrics": metrics,
+              "seconds": round(time.time() - t0, 1)}
+    lm = metrics.get("lm") or {}
+    summary = (f"quickstart done in {result['seconds']:.0f} s\n  store: {store_dir} ({len(held_out.documents)} "
+               f"held-out documents)\n  SAE:   {sae_dir}\n  L0 {metrics['l0']:.1f}, FVU {metrics['fvu']:.3f}, "
+               f"dead {metrics['dead_fraction']:.1%}")
+    if lm:
+        summary += (f", CE clean {lm['clean_ce']:.3f} -> spliced {lm['spliced_ce']:.3f} "
+                    f"(delta {lm['delta_loss']:.3f} nats, {lm['ce_loss_recovered']:.1%} recovered)")
+    _emit(result, as_json, summary)
+
+
+# Chosen on the quality study (docs/methods/jumprelu.md) for short CPU runs.
+QUICKSTART_LR = 1e-3
+QUICKSTART_SPARSITY = 5e-4
 
 
 @app.command("eval")

@@ -1,0 +1,25 @@
+"""The README's main job, at tiny sizes: capture, train a JumpReLU SAE, evaluate it."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from scope.cli import app
+
+
+@pytest.mark.real_model
+def test_quickstart_writes_store_sae_and_metrics(gemma, tmp_path):
+    out = tmp_path / "qs"
+    result = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--tokens", "4000", "--d-sae", "512",
+                                      "--train-tokens", "30720", "--batch-size", "512", "--lm-tokens", "128",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert json.loads((out / "store" / "manifest.json").read_text())["complete"]
+    assert (out / "sae" / "jumprelu" / "weights.safetensors").exists()
+    assert (out / "sae" / "metrics.jsonl").exists()
+    m = report["metrics"]
+    assert 0 < m["l0"] < 512 and 0 <= m["fvu"] < 1 and m["d_sae"] == 512
+    lm = m["lm"]
+    assert lm["zero_ce"] > lm["spliced_ce"] and lm["clean_ce"] > 0
