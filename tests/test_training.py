@@ -74,6 +74,7 @@ def test_topk_and_batchtopk_select_k_per_row_or_per_batch():
 
 @pytest.mark.parametrize("cfg", [
     {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 0.05},
+    {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 0.05, "apply_b_dec_to_input": True},
     {"kind": "topk", "k": 8}, {"kind": "topk", "k": 8, "selection": "batch"},
     {"kind": "topk", "k": 8, "selection": "statistical"}, {"kind": "topk", "k": 8, "dead_after_tokens": 0}])
 def test_sparse_kernels_give_the_plain_path_loss_and_gradients(cfg):

@@ -99,16 +99,17 @@ class JumpReLU(Dictionary):
 
     def loss(self, x: torch.Tensor, sparsity_coeff: float, sparse: bool = True) -> LossParts:
         """‖x − x̂‖² + λ‖f‖₀ in normalised units, averaged over the batch (sparse kernels by default)."""
-        if not sparse or self.cfg.apply_b_dec_to_input:
+        if not sparse:
             return self._dense_loss(x, sparsity_coeff)
         eps = self.cfg.bandwidth
         xs = x.to(self.W_enc.dtype) * self.input_scale
+        xin = xs - self.b_dec if self.cfg.apply_b_dec_to_input else xs
         theta = self.threshold.float()
         with torch.no_grad():
-            pre = (xs @ self.W_enc + self.b_enc).float()
+            pre = (xin @ self.W_enc + self.b_enc).float()
             # Active codes, plus the pairs inside the kernel window, where θ's pseudo-derivative lives.
             rows, cols = pairs((pre > theta) | ((pre - theta).abs() <= eps / 2))
-        z = GatheredPre.apply(xs, self.W_enc, self.b_enc, pre, rows, cols)
+        z = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, rows, cols)
         th = theta[cols]
         f = JumpReLUFn.apply(z, th, eps)
         err = xs - (SparseDecode.apply(f, self.W_dec, rows, cols, x.shape[0]) + self.b_dec)

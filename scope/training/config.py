@@ -36,6 +36,7 @@ class DictSpec(_Strict):
     aux_coeff: float = 1 / 32
     dead_after_tokens: int = 1_000_000
     lr: float | None = Field(None, gt=0, description="overrides trainer.lr for this dictionary")
+    apply_b_dec_to_input: bool | None = Field(None, description="subtract b_dec before encoding (default: per kind)")
 
     def label(self) -> str:
         if self.name:
@@ -61,6 +62,8 @@ class TrainerSettings(_Strict):
     held_out: float = Field(0.1, gt=0, lt=1, description="fraction of documents kept out of training")
     buffer_rows: int = Field(1 << 18, gt=0)
     norm_estimate_rows: int = Field(100_000, gt=0)
+    b_dec_init: Literal["mean", "zeros"] = Field(
+        "mean", description="start b_dec at the data mean: Gemma's residual stream has channels with huge means")
     max_norm_ratio: float | None = Field(
         None, gt=0, description="skip rows whose norm exceeds this multiple of the median norm (outlier tokens)")
 

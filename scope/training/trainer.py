@@ -60,25 +60,38 @@ def sparsity_at(step: int, cfg) -> float:
     return min(1.0, step / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
 
 
-def estimate_input_scale(store: ActivationStore, hook: str, rows: int, seed: int) -> tuple[float, float]:
-    """(c, median norm) with c = 1/sqrt(E‖x‖²) over a seeded sample of rows."""
-    total, n, norms = 0.0, 0, []
+@dataclass
+class InputStats:
+    """Statistics of a seeded sample of training rows, taken once before training."""
+
+    scale: float  # c = 1/sqrt(E‖x‖²)
+    median_norm: float
+    mean: torch.Tensor  # E[x], raw units
+
+
+def input_stats(store: ActivationStore, hook: str, rows: int, seed: int) -> InputStats:
+    """Scale, median norm and mean of up to ``rows`` training rows."""
+    total, n, norms, mean = 0.0, 0, [], None
     for x in store.batches(hook, batch_size=min(rows, 8192), seed=seed + 1, buffer_rows=max(rows, 8192),
                            dtype=torch.float32):
+        x = x.double()
         sq = x.pow(2).sum(-1)
         total += float(sq.sum())
+        mean = x.sum(0) if mean is None else mean + x.sum(0)
         n += x.shape[0]
         norms.append(sq.sqrt())
         if n >= rows:
             break
     if n == 0:
         raise ScopeError(f"store {store.url!r} has no training rows for {hook}")
-    return 1.0 / math.sqrt(total / n), float(torch.cat(norms).median())
+    return InputStats(1.0 / math.sqrt(total / n), float(torch.cat(norms).median()), (mean / n).float())
 
 
 def _spec_to_dict_cfg(spec: DictSpec, d_in: int, hook: str, store: ActivationStore) -> dict:
     cfg = {"kind": spec.kind, "d_in": d_in, "d_sae": spec.d_sae, "hook": hook,
            "model": store.manifest.config.model, "store": store.url}
+    if spec.apply_b_dec_to_input is not None:
+        cfg["apply_b_dec_to_input"] = spec.apply_b_dec_to_input
     if spec.kind == "jumprelu":
         cfg.update(bandwidth=spec.bandwidth, threshold_init=spec.threshold_init)
     if spec.kind == "topk":
@@ -132,7 +145,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
     if t.batch_size % world:
         raise ScopeError(f"trainer.batch_size {t.batch_size} must divide evenly among {world} processes")
     train_view, _ = store.split(t.held_out, seed=0)
-    scale, median = estimate_input_scale(train_view, hook, t.norm_estimate_rows, t.seed)
+    stats = input_stats(train_view, hook, t.norm_estimate_rows, t.seed)
     device = _device(cfg)
     total_steps = t.total_tokens // t.batch_size
     if total_steps == 0:
@@ -142,7 +155,10 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
     for i, spec in enumerate(cfg.dictionaries):
         sae = build(_spec_to_dict_cfg(spec, d_in, hook, store))
         sae.reset_parameters(seed=t.seed + i)
-        sae.input_scale.fill_(scale)
+        sae.input_scale.fill_(stats.scale)
+        if t.b_dec_init == "mean":
+            with torch.no_grad():
+                sae.b_dec.copy_(stats.mean * stats.scale)
         sae.to(device)
         opt = torch.optim.Adam(sae.parameters(), lr=spec.lr or t.lr, betas=t.adam_betas)
         runs.append(Trained(spec, sae, opt, torch.zeros(spec.d_sae, dtype=torch.long, device=device)))
@@ -151,7 +167,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(_yaml(cfg))
     logger = MetricLogger(out, cfg.logging, enabled=rank == 0)
-    data = _batches(train_view, cfg, hook, median)
+    data = _batches(train_view, cfg, hook, stats.median_norm)
     for _ in range(start):  # replay the data order up to the checkpoint: resumed runs see the same batches
         next(data)
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not progress or rank != 0,
