@@ -184,26 +184,28 @@ class ActivationStore:
             raise ScopeError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
         gen = torch.Generator().manual_seed(seed)
         for _ in range(epochs):
-            if shuffle and self.fs.is_local:
-                batches = self._mixed_from_maps(hooks, batch_size, buffer_rows, gen, drop_last)
+            if self.fs.is_local:
+                batches = self._mixed_from_maps(hooks, batch_size, buffer_rows, gen, drop_last, shuffle)
             else:
                 batches = self._mixed_in_memory(hooks, batch_size, buffer_rows, gen, drop_last, shuffle)
             for b in batches:
                 yield _to(b, out_dtype, device)
 
     def _mixed_from_maps(self, hooks: list[str], batch_size: int, buffer_rows: int, gen: torch.Generator,
-                         drop_last: bool) -> Iterator[Batch]:
+                         drop_last: bool, shuffle: bool = True) -> Iterator[Batch]:
         """Local stores: the buffer mixes (shard, row) indices only; each batch is gathered once from the maps."""
         chunk_rows = max(batch_size, buffer_rows // 8)
         chunks = self._chunks(chunk_rows)
-        chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=gen).tolist()]
+        if shuffle:
+            chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=gen).tolist()]
         names = [*hooks, *META_COLUMNS]
         pool = np.empty((0, 2), np.int64)
         keep_docs = None if self.docs is None else np.fromiter(self.docs, np.int64)
 
         def emit(n_out: int) -> Iterator[Batch]:
             nonlocal pool
-            pool = pool[torch.randperm(len(pool), generator=gen).numpy()]
+            if shuffle:
+                pool = pool[torch.randperm(len(pool), generator=gen).numpy()]
             for a in range(0, n_out, batch_size):
                 yield self._gather(pool[a : a + batch_size], names)
             pool = pool[n_out:]
@@ -214,8 +216,8 @@ class ActivationStore:
                 doc = self.shard(chunk.shard).column("doc_id")[chunk.start : chunk.stop]
                 rows = rows[np.isin(doc, keep_docs)]
             pool = np.concatenate([pool, np.stack([np.full(len(rows), chunk.shard), rows], 1)])
-            if len(pool) >= buffer_rows:
-                yield from emit((len(pool) - buffer_rows // 2) // batch_size * batch_size)
+            if len(pool) >= (buffer_rows if shuffle else batch_size):
+                yield from emit((len(pool) - (buffer_rows // 2 if shuffle else 0)) // batch_size * batch_size)
         yield from emit(len(pool) // batch_size * batch_size if drop_last else len(pool))
 
     def _gather(self, sel: np.ndarray, names: list[str]) -> Batch:
@@ -238,7 +240,7 @@ class ActivationStore:
 
     def _mixed_in_memory(self, hooks: list[str], batch_size: int, buffer_rows: int, gen: torch.Generator,
                          drop_last: bool, shuffle: bool) -> Iterator[Batch]:
-        """Remote stores, and ordered reads: chunks are read into memory and mixed there."""
+        """Remote stores: chunks are read into memory (by byte range) and mixed there."""
         chunk_rows = max(batch_size, buffer_rows // 8) if shuffle else max(batch_size, buffer_rows)
         chunks = self._chunks(chunk_rows)
         if shuffle:
