@@ -63,6 +63,18 @@ def test_statistical_topk_threshold_keeps_about_k_of_gaussian_pre_activations():
     assert 50 < kept.mean() < 80
 
 
+def test_sparse_path_handles_batches_with_no_active_latent_and_falls_back_when_dense():
+    d = build({"kind": "jumprelu", "d_in": 16, "d_sae": 64})
+    with torch.no_grad():
+        d.threshold.fill_(100.0)
+    parts = d.loss(torch.randn(4, 16), 0.1)
+    parts.loss.backward()
+    assert float(parts.l0) == 0 and not parts.fired.any() and parts.codes is None
+    with torch.no_grad():
+        d.threshold.fill_(1e-6)
+    assert d.loss(torch.randn(4, 16), 0.1).codes is not None, "about half the latents fire: the plain path runs"
+
+
 def test_topk_and_batchtopk_select_k_per_row_or_per_batch():
     x = torch.randn(8, 16)
     for selection, check in (("exact", lambda f: ((f > 0).sum(-1) <= 4).all()),
@@ -73,8 +85,8 @@ def test_topk_and_batchtopk_select_k_per_row_or_per_batch():
 
 
 @pytest.mark.parametrize("cfg", [
-    {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 0.05},
-    {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 0.05, "apply_b_dec_to_input": True},
+    {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 2.0},
+    {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 2.0, "apply_b_dec_to_input": True},
     {"kind": "topk", "k": 8}, {"kind": "topk", "k": 8, "selection": "batch"},
     {"kind": "topk", "k": 8, "selection": "statistical"}, {"kind": "topk", "k": 8, "dead_after_tokens": 0}])
 def test_sparse_kernels_give_the_plain_path_loss_and_gradients(cfg):
@@ -94,6 +106,8 @@ def test_sparse_kernels_give_the_plain_path_loss_and_gradients(cfg):
         parts.loss.backward()
         results.append((parts, {k: p.grad.clone() for k, p in d.named_parameters()}))
     (plain, g_plain), (fast, g_fast) = results
+    assert fast.codes is None, "the sparse kernels ran (few enough active pairs)"
+    assert float(plain.l0) > 0, "some latents are active, so the comparison is not vacuous"
     torch.testing.assert_close(fast.loss, plain.loss, rtol=1e-5, atol=1e-6)
     assert torch.equal(fast.fired, plain.fired) and float(fast.l0) == float(plain.l0)
     if cfg.get("dead_after_tokens") == 0:
