@@ -194,12 +194,14 @@ def _last_metrics(out: Path) -> dict:
 @friendly
 def quickstart(
     out: Annotated[str, typer.Option(help="Folder for everything the quickstart writes.")] = "scope-out",
-    tokens: Annotated[int, typer.Option(help="Tokens of text to capture.")] = 150_000,
+    tokens: Annotated[int, typer.Option(help="Tokens of text to capture.")] = 100_000,
     corpus: Annotated[str, typer.Option(help="Bundled corpus.")] = "wiki",
     d_sae: Annotated[int, typer.Option(help="Latents of the JumpReLU SAE.")] = 4096,
     train_tokens: Annotated[int, typer.Option(help="Training length in token-steps.")] = 600_000,
-    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 4096,
-    lm_tokens: Annotated[int, typer.Option(help="Held-out tokens for the spliced-in LM loss.")] = 2048,
+    # Small batches: within a few CPU minutes, more updates beat bigger batches (measured: 4x the
+    # steps at batch 1,024 gave FVU 0.165 and 77 % CE recovered, against 0.33 and 53 % at 4,096).
+    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 1024,
+    lm_tokens: Annotated[int, typer.Option(help="Held-out tokens for the spliced-in LM loss.")] = 1024,
     as_json: JsonOpt = False,
 ) -> None:
     """The main job on the bundled Gemma 3 270M: capture layer 6, train a JumpReLU SAE, evaluate it."""
