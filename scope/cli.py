@@ -260,6 +260,9 @@ def eval_(
     max_rows: Annotated[Optional[int], typer.Option(help="Cap on held-out rows for the reconstruction metrics.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1… (default: cuda when present).")] = None,
     html: Annotated[Optional[str], typer.Option(help="Write the L0-vs-FVU frontier of the SAEs to this HTML file.")] = None,
+    labels: Annotated[Optional[list[str]], typer.Option(
+        help="Also score feature selectivity and a label probe over documents with these labels "
+             "(globs such as 'wiki:*'; repeat for more).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """L0, FVU, cosine, dead/dense latents and spliced-in LM loss of SAEs on a store's held-out documents."""
@@ -280,6 +283,12 @@ def eval_(
     model = load_store_model(test, device=dev) if tokens else None  # one model for the whole sweep
     results = [evaluate(d, test, model=model, lm_tokens=tokens, name=name, max_rows=max_rows, device=dev,
                         progress=not as_json) for name, d in saes]
+    if labels:
+        from scope.evals.selectivity import selectivity_metrics
+
+        labelled = test.where(labels)
+        for r, (_, d) in zip(results, saes):
+            r["selectivity"] = selectivity_metrics(d, labelled, max_rows=max_rows or 200_000).to_dict()
     if html:
         write_frontier(results, html)
     out = {"store": store, "held_out": held_out, "documents": len(test.documents), "rows": len(test),
@@ -299,6 +308,19 @@ def _eval_table(out: dict) -> str:
             line += (f" {lm['clean_ce']:>8.3f} {lm['spliced_ce']:>8.3f} {lm['delta_loss']:>7.3f} "
                      f"{lm['ce_loss_recovered']:>6.3f} {lm['kl']:>7.4f}")
         lines.append(line)
+    for r in out["results"]:
+        sel = r.get("selectivity")
+        if sel:
+            probe = sel["probe"]
+            lines.append(f"{r['name']}: selectivity over {sel['rows']:,} labelled rows; dead (<1e-5) "
+                         f"{sel['dead_fraction']:.1%}; mean best max-selectivity {sel['mean_max_selectivity']:.3f}; "
+                         f"probe balanced accuracy {probe.get('original', float('nan')):.3f} original vs "
+                         f"{probe.get('reconstructed', float('nan')):.3f} reconstructed (chance {probe['chance']:.3f})")
+            for lab in sel["labels"]:
+                a = lab["above"]
+                lines.append(f"  {lab['label']:<28} rows {lab['rows']:>7,}  features with max-sel >0.5: "
+                             f"{a['maximum>0.5']:>4}  >0.2: {a['maximum>0.2']:>4}  avg-sel >0.5: {a['average>0.5']:>4}"
+                             f"  >0.2: {a['average>0.2']:>4}")
     if out["html"]:
         lines.append(f"frontier written to {out['html']}")
     return "\n".join(lines)

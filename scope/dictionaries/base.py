@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from scope.dictionaries.whitening import Whitening, WhiteningSpec
 from scope.errors import ScopeError
 
 WEIGHTS = "weights.safetensors"
@@ -37,6 +38,7 @@ class DictionaryConfig(BaseModel):
     hook: str | None = None
     model: str | None = None
     store: str | None = None
+    whitening: WhiteningSpec | None = None  # PCA whitening against a control set (whitening.py)
 
 
 class Dictionary(nn.Module):
@@ -60,6 +62,7 @@ class Dictionary(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(m, d))
         self.b_dec = nn.Parameter(torch.zeros(d))
         self.register_buffer("input_scale", torch.ones(()))
+        self.whitening = Whitening(d, cfg.whitening.unit_norm) if cfg.whitening is not None else None
         self.reset_parameters()
 
     def reset_parameters(self, seed: int | None = None) -> None:
@@ -81,16 +84,44 @@ class Dictionary(nn.Module):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Sparse codes ``[..., d_sae]`` of raw inputs."""
+    def encode_prepared(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes of inputs already in the dictionary's input space (after any whitening)."""
         return self.activation(self.pre_acts(x))
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Reconstruction in the inputs' raw units."""
+    def decode_prepared(self, codes: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in the dictionary's input space (before undoing any whitening)."""
         return (codes @ self.W_dec + self.b_dec) / self.input_scale
 
+    def prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw activations -> the space the dictionary codes (whitened, unit norm) and each row's norm."""
+        if self.whitening is None:
+            return x, None
+        return self.whitening(x)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Sparse codes ``[..., d_sae]`` of raw inputs."""
+        return self.encode_prepared(self.prepare(x)[0])
+
+    def decode(self, codes: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction in the inputs' raw units.
+
+        A whitened dictionary codes unit-norm vectors, so its codes do not say how long the input
+        was: pass the ``norms`` :meth:`prepare` returned, or get the control set's typical norm.
+        """
+        y = self.decode_prepared(codes)
+        return y if self.whitening is None else self.whitening.inverse(y, norms)
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, reconstruction) of raw inputs; exact through any whitening."""
+        u, norms = self.prepare(x)
+        codes = self.encode_prepared(u)
+        return codes, self.decode(codes, norms)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        return self.reconstruct(x)[1]
+
+    def after_step(self, step: int, x: torch.Tensor) -> None:
+        """Called by the trainer after each optimiser step, with the prepared batch (e.g. ICFL re-draws)."""
 
     # --- invariants ------------------------------------------------------------------------
     @torch.no_grad()

@@ -291,6 +291,9 @@ def to_saelens(sae: Dictionary, folder: str | Path) -> Path:
 
 def _saelens_form(sae: Dictionary) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
     """(architecture, extra cfg fields, tensors) of ``sae`` as SAELens stores it."""
+    if sae.whitening is not None:
+        raise ScopeError("a whitened dictionary has no SAELens counterpart (SAELens has no input whitening); "
+                         "export a dictionary trained without `whitening:`")
     sd = sae.saved_tensors(fold=True)
     tensors = {k: sd[k] for k in _SAE_KEYS}
     kind, selection = sae.kind, getattr(sae.cfg, "selection", None)

@@ -125,9 +125,8 @@ class JumpReLU(Dictionary):
         err = xs - (SparseDecode.apply(f, self.W_dec, rows, cols, x.shape[0]) + self.b_dec)
         mse = err.pow(2).sum(-1).mean()
         l0 = StepFn.apply(z, th, eps).sum() / x.shape[0]
-        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
-        fired[cols[z.detach() > th]] = True
-        return LossParts(loss=mse + sparsity_coeff * l0, mse=mse, l0=l0.detach(), fired=fired)
+        counts = torch.bincount(cols[z.detach() > th], minlength=self.cfg.d_sae)
+        return LossParts(loss=mse + sparsity_coeff * l0, mse=mse, l0=l0.detach(), counts=counts)
 
     def _dense_loss(self, x: torch.Tensor, sparsity_coeff: float) -> LossParts:
         pre = self.pre_acts(x)
@@ -136,5 +135,5 @@ class JumpReLU(Dictionary):
         err = x.to(pre.dtype) * self.input_scale - (f @ self.W_dec + self.b_dec)
         mse = err.pow(2).sum(-1).mean()
         l0 = StepFn.apply(pre, theta.to(pre.dtype), self.cfg.bandwidth).sum(-1).mean()
-        return LossParts(loss=mse + sparsity_coeff * l0, mse=mse, l0=l0.detach(), fired=(f != 0).any(0),
+        return LossParts(loss=mse + sparsity_coeff * l0, mse=mse, l0=l0.detach(), counts=(f != 0).sum(0),
                          codes=f.detach())

@@ -29,9 +29,9 @@ class ReLU(Dictionary):
 
     def loss(self, x: torch.Tensor, sparsity_coeff: float, sparse: bool = False) -> LossParts:
         """Plain path only: a ReLU SAE's codes are not sparse early in training."""
-        f = self.encode(x)
+        f = self.encode_prepared(x)
         err = x.to(f.dtype) * self.input_scale - (f @ self.W_dec + self.b_dec)
         mse = err.pow(2).sum(-1).mean()
         l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
         return LossParts(loss=mse + sparsity_coeff * l1, mse=mse, l0=(f > 0).float().sum(-1).mean(),
-                         fired=(f > 0).any(0), codes=f.detach())
+                         counts=(f > 0).sum(0), codes=f.detach())

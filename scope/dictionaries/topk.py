@@ -93,23 +93,22 @@ class TopK(Dictionary):
         f = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, rows, cols)
         err = xs - (SparseDecode.apply(f, self.W_dec, rows, cols, x.shape[0]) + self.b_dec)
         mse = err.pow(2).sum(-1).mean()
-        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
-        fired[cols] = True
-        self._track(fired, x.shape[0], f.detach())
+        counts = torch.bincount(cols, minlength=self.cfg.d_sae)
+        self._track(counts > 0, x.shape[0], f.detach())
         aux = self._aux_loss(pre, err, lambda r, c: (GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, r, c), r, c))
         total = mse if aux is None else mse + self.cfg.aux_coeff * aux
-        return LossParts(loss=total, mse=mse, l0=torch.tensor(len(rows) / x.shape[0]), fired=fired, aux=aux)
+        return LossParts(loss=total, mse=mse, l0=torch.tensor(len(rows) / x.shape[0]), counts=counts, aux=aux)
 
     def _dense_loss(self, x: torch.Tensor) -> LossParts:
         pre = self.pre_acts(x)
         f = self._select(pre, training=True)
         err = x.to(pre.dtype) * self.input_scale - (f @ self.W_dec + self.b_dec)
         mse = err.pow(2).sum(-1).mean()
-        fired = (f > 0).any(0)
-        self._track(fired, x.shape[0], f[f > 0].detach())
+        counts = (f > 0).sum(0)
+        self._track(counts > 0, x.shape[0], f[f > 0].detach())
         aux = self._aux_loss(pre, err)
         total = mse if aux is None else mse + self.cfg.aux_coeff * aux
-        return LossParts(loss=total, mse=mse, l0=(f > 0).float().sum(-1).mean(), fired=fired, aux=aux,
+        return LossParts(loss=total, mse=mse, l0=(f > 0).float().sum(-1).mean(), counts=counts, aux=aux,
                          codes=f.detach())
 
     @torch.no_grad()

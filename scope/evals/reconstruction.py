@@ -141,8 +141,8 @@ def reconstruction_metrics(
     for x in batches:
         if max_rows is not None:
             x = x[: max_rows - acc.n]
-        codes = sae.encode(x)
-        acc.add(x, sae.decode(codes), codes)
+        codes, x_hat = sae.reconstruct(x)
+        acc.add(x, x_hat, codes)
         if max_rows is not None and acc.n >= max_rows:
             break
     if acc.n == 0:

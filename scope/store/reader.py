@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -113,12 +114,16 @@ class ActivationStore:
         return view
 
     def where(self, labels: str | Iterable[str]) -> "ActivationStore":
-        """Only the documents whose label is one of ``labels`` (e.g. a control topic)."""
-        wanted = {labels} if isinstance(labels, str) else set(labels)
-        known = {lab for lab, _ in self.documents.values()}
-        unknown = wanted - known
-        if unknown:
-            raise ScopeError(f"label(s) {sorted(unknown)} not in store {self.url!r}; it has {sorted(map(str, known))}")
+        """Only the documents whose label is one of ``labels`` (exact, or glob patterns such as ``bbc:*``)."""
+        patterns = [labels] if isinstance(labels, str) else list(labels)
+        known = {lab for lab, _ in self.documents.values() if lab is not None}
+        wanted: set[str] = set()
+        for pat in patterns:
+            hits = set(fnmatch.filter(known, pat)) if any(c in pat for c in "*?[") else {pat} & known
+            if not hits:
+                raise ScopeError(f"label {pat!r} matches no document of store {self.url!r}; it has labels "
+                                 f"{sorted(known)}")
+            wanted |= hits
         return self.select(d for d, (lab, _) in self.documents.items() if lab in wanted)
 
     def split(self, held_out: float = 0.1, seed: int = 0) -> tuple["ActivationStore", "ActivationStore"]:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from scope.dictionaries.whitening import WhiteningSpec
 from scope.errors import ScopeError
 
 
@@ -24,7 +25,7 @@ class DictSpec(_Strict):
     """One dictionary to train. ``d_in`` defaults to the store's width."""
 
     name: str | None = None
-    kind: Literal["jumprelu", "relu", "topk"]
+    kind: Literal["jumprelu", "relu", "topk", "icfl"]
     d_sae: int = Field(gt=0)
     d_in: int | None = None
     sparsity_coeff: float = Field(0.0, ge=0, description="λ: L0 weight (jumprelu) or L1 weight (relu)")
@@ -35,14 +36,21 @@ class DictSpec(_Strict):
     aux_k: int | None = None
     aux_coeff: float = 1 / 32
     dead_after_tokens: int = 1_000_000
+    iterations: int = Field(20, gt=0, description="J: matching-pursuit iterations (icfl)")
+    atoms_per_iteration: int = Field(5, gt=0, description="L: atoms picked and fitted per iteration (icfl)")
+    atom_selection: Literal["signed", "absolute"] = Field("signed", description="rank atoms by ⟨d, r⟩ or |⟨d, r⟩| (icfl)")
+    redraw_every: int = Field(100, ge=0, description="steps between re-draws of near-duplicate atoms (icfl)")
+    redraw_cos: float = Field(0.9, gt=0, le=1, description="cosine similarity that makes two atoms duplicates (icfl)")
+    whitening: WhiteningSpec | None = Field(None, description="PCA-whiten inputs against a control set first")
     lr: float | None = Field(None, gt=0, description="overrides trainer.lr for this dictionary")
     apply_b_dec_to_input: bool | None = Field(None, description="subtract b_dec before encoding (default: per kind)")
 
     def label(self) -> str:
         if self.name:
             return self.name
-        detail = f"k{self.k}" if self.kind == "topk" else f"l{self.sparsity_coeff:g}"
-        return f"{self.kind}-{self.d_sae}-{detail}"
+        detail = {"topk": f"k{self.k}", "icfl": f"j{self.iterations}x{self.atoms_per_iteration}"}.get(
+            self.kind, f"l{self.sparsity_coeff:g}")
+        return f"{self.kind}-{self.d_sae}-{detail}" + ("-white" if self.whitening else "")
 
 
 class TrainerSettings(_Strict):
@@ -64,6 +72,8 @@ class TrainerSettings(_Strict):
     norm_estimate_rows: int = Field(100_000, gt=0)
     b_dec_init: Literal["mean", "zeros"] = Field(
         "mean", description="start b_dec at the data mean: Gemma's residual stream has channels with huge means")
+    dead_window_steps: int = Field(1000, gt=0, description="dead latents: firing frequency over this many last steps")
+    dead_frequency: float = Field(1e-5, ge=0, description="a latent firing on fewer than this fraction of rows is dead")
     max_norm_ratio: float | None = Field(
         None, gt=0, description="skip rows whose norm exceeds this multiple of the median norm (outlier tokens)")
 
@@ -101,7 +111,7 @@ class TrainConfig(_Strict):
         for d in self.dictionaries:
             if d.kind == "topk" and d.k is None:
                 raise ScopeError(f"dictionary {d.label()!r} is topk but sets no `k`")
-            if d.kind != "topk" and d.sparsity_coeff == 0:
+            if d.kind in ("jumprelu", "relu") and d.sparsity_coeff == 0:
                 raise ScopeError(f"dictionary {d.label()!r} ({d.kind}) needs a positive `sparsity_coeff` (λ)")
         return self
 

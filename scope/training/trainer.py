@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from scope.dictionaries import Dictionary, build
+from scope.dictionaries.whitening import Whitening, WhiteningSpec, fit_whitening
 from scope.errors import ScopeError
 from scope.store import ActivationStore
 from scope.training.config import DictSpec, TrainConfig
@@ -40,11 +41,29 @@ class Trained:
     spec: DictSpec
     sae: Dictionary
     opt: torch.optim.Adam
-    last_fired: torch.Tensor  # step at which each latent last fired
+    fire_counts: torch.Tensor  # [blocks, d_sae]: activations per block of steps, a ring over the dead window
+    fire_rows: torch.Tensor  # [blocks]: rows seen per block
 
     @property
     def name(self) -> str:
         return self.spec.label()
+
+    def record(self, counts: torch.Tensor, rows: int, step: int, block_steps: int) -> None:
+        """Add one step's per-latent activation counts to the ring of blocks."""
+        slot = (step // block_steps) % self.fire_rows.numel()
+        if step % block_steps == 0:
+            self.fire_counts[slot].zero_()
+            self.fire_rows[slot] = 0
+        self.fire_counts[slot] += counts.to(self.fire_counts.dtype)
+        self.fire_rows[slot] += rows
+
+    def dead_fraction(self, frequency: float) -> float:
+        """Fraction of latents active on fewer than ``frequency`` of the rows in the window."""
+        freq = self.fire_counts.sum(0).double() / max(int(self.fire_rows.sum()), 1)
+        return float((freq < frequency).double().mean()) if frequency > 0 else float((freq == 0).double().mean())
+
+
+DEAD_BLOCKS = 10
 
 
 def lr_at(step: int, total: int, cfg) -> float:
@@ -69,12 +88,13 @@ class InputStats:
     mean: torch.Tensor  # E[x], raw units
 
 
-def input_stats(store: ActivationStore, hook: str, rows: int, seed: int) -> InputStats:
-    """Scale, median norm and mean of up to ``rows`` training rows."""
+def input_stats(store: ActivationStore, hook: str, rows: int, seed: int,
+                transform: Whitening | None = None) -> InputStats:
+    """Scale, median norm and mean of up to ``rows`` training rows (after ``transform``, if given)."""
     total, n, norms, mean = 0.0, 0, [], None
     for x in store.batches(hook, batch_size=min(rows, 8192), seed=seed + 1, buffer_rows=max(rows, 8192),
                            dtype=torch.float32):
-        x = x.double()
+        x = (x if transform is None else transform(x)[0]).double()
         sq = x.pow(2).sum(-1)
         total += float(sq.sum())
         mean = x.sum(0) if mean is None else mean + x.sum(0)
@@ -97,7 +117,41 @@ def _spec_to_dict_cfg(spec: DictSpec, d_in: int, hook: str, store: ActivationSto
     if spec.kind == "topk":
         cfg.update(k=spec.k, selection=spec.selection, aux_k=spec.aux_k, aux_coeff=spec.aux_coeff,
                    dead_after_tokens=spec.dead_after_tokens)
+    if spec.kind == "icfl":
+        cfg.update(iterations=spec.iterations, atoms_per_iteration=spec.atoms_per_iteration,
+                   atom_selection=spec.atom_selection, redraw_every=spec.redraw_every, redraw_cos=spec.redraw_cos)
+    if spec.whitening is not None:
+        cfg["whitening"] = spec.whitening.model_dump()
     return cfg
+
+
+def control_view(train_view: ActivationStore, spec: WhiteningSpec) -> ActivationStore:
+    """The whitening control set: training documents matching the label patterns, or a second store."""
+    if not spec.control:
+        return train_view
+    if len(spec.control) == 1 and spec.control[0].startswith("store:"):
+        return ActivationStore(spec.control[0][len("store:"):])
+    return train_view.where(spec.control)
+
+
+def fit_control_whitening(train_view: ActivationStore, hook: str, spec: WhiteningSpec, seed: int) -> Whitening:
+    """Fit the whitening of one dictionary on up to ``spec.rows`` rows of its control set."""
+    view = control_view(train_view, spec)
+    view.check_hook(hook)
+    if view.width(hook) != train_view.width(hook):
+        raise ScopeError(f"control store {view.url!r} has width {view.width(hook)} at {hook}, but the training "
+                         f"store has {train_view.width(hook)}")
+
+    def rows():
+        n = 0
+        for x in view.batches(hook, batch_size=8192, seed=seed + 7, buffer_rows=max(spec.rows, 8192),
+                              dtype=torch.float32):
+            yield x[: spec.rows - n]
+            n += x.shape[0]
+            if n >= spec.rows:
+                return
+
+    return fit_whitening(rows(), eps=spec.eps, unit_norm=spec.unit_norm)
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -147,6 +201,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
     train_view, _ = store.split(t.held_out, seed=0)
     stats = input_stats(train_view, hook, t.norm_estimate_rows, t.seed)
     device = _device(cfg)
+    block_steps = max(1, t.dead_window_steps // DEAD_BLOCKS)
     total_steps = t.total_tokens // t.batch_size
     if total_steps == 0:
         raise ScopeError(f"trainer.total_tokens {t.total_tokens} is less than one batch ({t.batch_size})")
@@ -155,13 +210,20 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
     for i, spec in enumerate(cfg.dictionaries):
         sae = build(_spec_to_dict_cfg(spec, d_in, hook, store))
         sae.reset_parameters(seed=t.seed + i)
-        sae.input_scale.fill_(stats.scale)
+        own = stats
+        if spec.whitening is not None:
+            white = fit_control_whitening(train_view, hook, spec.whitening, t.seed)
+            sae.whitening.load_state_dict(white.state_dict())
+            own = input_stats(train_view, hook, t.norm_estimate_rows, t.seed, transform=white)
+        sae.input_scale.fill_(own.scale)
         if t.b_dec_init == "mean":
             with torch.no_grad():
-                sae.b_dec.copy_(stats.mean * stats.scale)
+                sae.b_dec.copy_(own.mean * own.scale)
         sae.to(device)
-        opt = torch.optim.Adam(sae.parameters(), lr=spec.lr or t.lr, betas=t.adam_betas)
-        runs.append(Trained(spec, sae, opt, torch.zeros(spec.d_sae, dtype=torch.long, device=device)))
+        opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=spec.lr or t.lr,
+                               betas=t.adam_betas)
+        runs.append(Trained(spec, sae, opt, torch.zeros(DEAD_BLOCKS, spec.d_sae, dtype=torch.long, device=device),
+                            torch.zeros(DEAD_BLOCKS, dtype=torch.long, device=device)))
     start = _resume(out, cfg, runs) if (out / CHECKPOINT).exists() else 0
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -181,11 +243,17 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
         x = x.to(device, torch.float32, non_blocking=True)
         lr_mult, lam_mult = lr_at(step, total_steps, t), sparsity_at(step, t)
         row = {"step": step + 1, "tokens": (step + 1) * t.batch_size, "lr_mult": lr_mult, "sparsity_mult": lam_mult}
+        prepared: dict[str, torch.Tensor] = {}  # dictionaries with the same whitening share its output
         for run in runs:
             for group in run.opt.param_groups:
                 group["lr"] = (run.spec.lr or t.lr) * lr_mult
+            key = run.spec.whitening.model_dump_json() if run.spec.whitening else ""
+            if key not in prepared:
+                with torch.no_grad():
+                    prepared[key] = run.sae.prepare(x)[0]
+            xr = prepared[key]
             with autocast:
-                parts = run.sae.loss(x, run.spec.sparsity_coeff * lam_mult, sparse=t.sparse_kernels)
+                parts = run.sae.loss(xr, run.spec.sparsity_coeff * lam_mult, sparse=t.sparse_kernels)
             parts.loss.backward()
             if world > 1:
                 _average_grads(run.sae, world)
@@ -194,19 +262,18 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
             run.opt.step()
             run.opt.zero_grad(set_to_none=True)
             run.sae.project()
-            fired = parts.fired
+            run.sae.after_step(step + 1, xr)
+            counts = parts.counts.to(torch.long)
             if world > 1:
-                fired = fired.to(torch.int32)
-                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
-                fired = fired.bool()
-            run.last_fired.masked_fill_(fired, step + 1)
+                dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            run.record(counts, xr.shape[0] * world, step, block_steps)
             if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
-                var = (x * run.sae.input_scale - (x * run.sae.input_scale).mean(0)).pow(2).sum(-1).mean()
-                dead_window = max(1, min(step + 1, math.ceil(1_000_000 / t.batch_size)))
+                xs = xr * run.sae.input_scale
+                var = (xs - xs.mean(0)).pow(2).sum(-1).mean()
                 mse = float(parts.mse.detach())
                 row.update({f"{run.name}/loss": float(parts.loss.detach()), f"{run.name}/mse": mse,
                             f"{run.name}/fvu": mse / float(var), f"{run.name}/l0": float(parts.l0),
-                            f"{run.name}/dead": float((step + 1 - run.last_fired >= dead_window).float().mean())})
+                            f"{run.name}/dead": run.dead_fraction(t.dead_frequency)})
                 if parts.aux is not None:
                     row[f"{run.name}/aux"] = float(parts.aux.detach())
         if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
@@ -257,7 +324,8 @@ def _checkpoint(out: Path, cfg: TrainConfig, runs: list[Trained], step: int) -> 
     for run in runs:
         for k, v in run.sae.state_dict().items():
             tensors[f"{run.name}/sae/{k}"] = v.detach().cpu().contiguous()
-        tensors[f"{run.name}/last_fired"] = run.last_fired.cpu()
+        tensors[f"{run.name}/fire_counts"] = run.fire_counts.cpu()
+        tensors[f"{run.name}/fire_rows"] = run.fire_rows.cpu()
         names = {id(p): k for k, p in run.sae.named_parameters()}
         for group in run.opt.param_groups:
             for p in group["params"]:
@@ -286,7 +354,8 @@ def _resume(out: Path, cfg: TrainConfig, runs: list[Trained]) -> int:
     for run in runs:
         prefix = f"{run.name}/sae/"
         run.sae.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        run.last_fired.copy_(tensors[f"{run.name}/last_fired"])
+        run.fire_counts.copy_(tensors[f"{run.name}/fire_counts"])
+        run.fire_rows.copy_(tensors[f"{run.name}/fire_rows"])
         for k, p in run.sae.named_parameters():
             # Adam keeps its step counter on the CPU unless it is fused or capturable.
             state = {key.rsplit("/", 1)[1]: v if key.endswith("/step") else v.to(device)
