@@ -9,7 +9,7 @@ window of steps; held-out: the same frequency over the evaluated rows), and for 
 (wiki topics, BBC categories) the number of features above 0.5 / 0.2 maximum and average
 selectivity and the balanced accuracy of a label probe on original vs reconstructed activations.
 
-Run:  python benchmarks/icfl_vs_topk.py [--config sae_configs/gemma-3-270m-res-l6-icfl-vs-topk.yaml]
+Run:  python benchmarks/icfl_vs_topk.py [--config sae_configs/icfl-vs-topk-gemma-3-270m-res-l6-2k.yaml]
                                         [--out runs/icfl-vs-topk] [--rows 100000] [--figures DIR]
                                         [--markdown PATH] [--json]
 The run folder resumes after a kill (re-run the same command).
@@ -26,12 +26,22 @@ from plotly.subplots import make_subplots
 
 from scope.cli import _ensure_store
 from scope.dictionaries import load
+from scope.errors import ScopeError
 from scope.evals import reconstruction_metrics
 from scope.evals.selectivity import selectivity_metrics
 from scope.store import ActivationStore
 from scope.training import load_config, train
 
 FAMILIES = {"wiki topics": "wiki:*", "BBC categories": "bbc:*"}
+
+
+def family_selectivity(sae, test: ActivationStore, pattern: str, rows: int) -> dict | None:
+    """Selectivity over one label family, or None when the held-out split has fewer than 2 of its labels."""
+    try:
+        return selectivity_metrics(sae, test.where(pattern), max_rows=rows).to_dict()
+    except ScopeError as err:
+        print(f"skipping {pattern}: {err}")
+        return None
 
 
 def last_logged(out: Path, name: str) -> dict[str, float]:
@@ -49,6 +59,9 @@ def table(results: list[dict]) -> str:
                  f"{r['train_dead']:.1%}", f"{r['heldout_dead']:.1%}"]
         for fam in FAMILIES:
             s = r["selectivity"][fam]
+            if s is None:
+                cells += ["n/a", "n/a"]
+                continue
             tot = {k: sum(lab["above"][k] for lab in s["labels"]) for k in s["labels"][0]["above"]}
             cells.append(f"{tot['maximum>0.5']} / {tot['maximum>0.2']}, {tot['average>0.5']} / {tot['average>0.2']}")
             p = s["probe"]
@@ -67,6 +80,8 @@ def figures(results: list[dict], folder: Path) -> list[Path]:
     fig = make_subplots(rows=1, cols=len(FAMILIES), subplot_titles=list(FAMILIES))
     for col, fam in enumerate(FAMILIES, start=1):
         for r in results:
+            if r["selectivity"][fam] is None:
+                continue
             labs = r["selectivity"][fam]["labels"]
             fig.add_trace(go.Bar(name=r["name"], x=[lab["label"].split(":", 1)[-1] for lab in labs],
                                  y=[lab["above"]["maximum>0.2"] for lab in labs], legendgroup=r["name"],
@@ -80,7 +95,7 @@ def figures(results: list[dict], folder: Path) -> list[Path]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="sae_configs/gemma-3-270m-res-l6-icfl-vs-topk.yaml")
+    ap.add_argument("--config", default="sae_configs/icfl-vs-topk-gemma-3-270m-res-l6-2k.yaml")
     ap.add_argument("--out", default="runs/icfl-vs-topk")
     ap.add_argument("--rows", type=int, default=100_000, help="held-out rows to score")
     ap.add_argument("--held-out", type=float, default=0.1)
@@ -99,8 +114,7 @@ def main() -> None:
     for name, path in saved.items():
         sae = load(path)
         rec = reconstruction_metrics(sae, test, max_rows=args.rows)
-        sel = {fam: selectivity_metrics(sae, test.where(pattern), max_rows=args.rows).to_dict()
-               for fam, pattern in FAMILIES.items()}
+        sel = {fam: family_selectivity(sae, test, pattern, args.rows) for fam, pattern in FAMILIES.items()}
         results.append({"name": name, "kind": sae.kind, "d_sae": sae.cfg.d_sae, "l0": rec.l0, "fvu": rec.fvu,
                         "cosine": rec.cosine, "train_dead": last_logged(out, name)["dead"],
                         "heldout_dead": float((rec.firing_frequency < 1e-5).float().mean()), "selectivity": sel})

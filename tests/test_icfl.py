@@ -201,3 +201,18 @@ def test_bad_icfl_and_whitening_configs_give_clear_errors(wiki_store, tmp_path):
     data["dictionaries"][1]["whitening"]["controls"] = ["x"]
     with pytest.raises(ScopeError, match="unknown key 'dictionaries.1.whitening.controls'.*control"):
         load_config(data=data)
+
+
+def test_the_shipped_icfl_config_trains_from_the_cli(wiki_store, tmp_path):
+    labels = sorted({lab for lab, _ in wiki_store.documents.values()})
+    control = "[" + ",".join(f"'{lab}'" for lab in labels[:6]) + "]"
+    small = [f"dictionaries.{i}.d_sae=128" for i in range(4)] + [
+        "dictionaries.0.iterations=2", "dictionaries.1.iterations=2", f"store={wiki_store.url}",
+        "trainer.total_tokens=2048", "trainer.batch_size=512", "trainer.norm_estimate_rows=2000",
+        f"dictionaries.1.whitening.control={control}", f"dictionaries.3.whitening.control={control}"]
+    args = ["train", "sae_configs/icfl-vs-topk-gemma-3-270m-res-l6-2k.yaml", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args + [a for s in small for a in ("--set", s)] + ["--json"])
+    assert result.exit_code == 0, result.output
+    for name in ("icfl", "icfl-white", "topk", "topk-white"):
+        sae = load(tmp_path / "run" / name)
+        assert sae.cfg.d_sae == 128 and (sae.whitening is not None) == name.endswith("white")
