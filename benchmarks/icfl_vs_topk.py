@@ -17,20 +17,18 @@ The run folder resumes after a kill (re-run the same command).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+from sweep import sweep_parser, train_sweep
 
-from scope.cli import _ensure_store
 from scope.dictionaries import load
 from scope.errors import ScopeError
 from scope.evals import reconstruction_metrics
 from scope.evals.selectivity import selectivity_metrics
 from scope.store import ActivationStore
-from scope.training import load_config, train
 
 FAMILIES = {"wiki topics": "wiki:*", "BBC categories": "bbc:*"}
 
@@ -94,22 +92,14 @@ def figures(results: list[dict], folder: Path) -> list[Path]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="sae_configs/icfl-vs-topk-gemma-3-270m-res-l6-2k.yaml")
-    ap.add_argument("--out", default="runs/icfl-vs-topk")
+    ap = sweep_parser(__doc__.splitlines()[0], "sae_configs/icfl-vs-topk-gemma-3-270m-res-l6-2k.yaml",
+                      "runs/icfl-vs-topk")
     ap.add_argument("--rows", type=int, default=100_000, help="held-out rows to score")
-    ap.add_argument("--held-out", type=float, default=0.1)
     ap.add_argument("--figures", default=None, help="write the plotly figures (HTML) into this folder")
-    ap.add_argument("--markdown", default=None, help="also write the table to this file")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
-    ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    cfg = load_config(args.config, args.overrides)
-    _ensure_store(cfg)
+    _, saved, test = train_sweep(args)
     out = Path(args.out)
-    saved = train(cfg, out)
-    test = ActivationStore(cfg.store).split(args.held_out, seed=0)[1]
     results = []
     for name, path in saved.items():
         sae = load(path)

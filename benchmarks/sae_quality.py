@@ -11,15 +11,13 @@ The run folder resumes after a kill (re-run the same command).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from scope.cli import _ensure_store
+from sweep import sweep_parser, train_sweep
+
 from scope.dictionaries import load
 from scope.evals import evaluate, load_store_model
-from scope.store import ActivationStore
-from scope.training import load_config, train
 
 
 def table(results: list[dict], store: str, tokens: int) -> str:
@@ -37,20 +35,11 @@ def table(results: list[dict], store: str, tokens: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="sae_configs/gemma-3-270m-res-l6-sweep-4k.yaml")
-    ap.add_argument("--out", default="runs/quality")
+    ap = sweep_parser(__doc__.splitlines()[0], "sae_configs/gemma-3-270m-res-l6-sweep-4k.yaml", "runs/quality")
     ap.add_argument("--lm-tokens", type=int, default=4096)
-    ap.add_argument("--held-out", type=float, default=0.1)
-    ap.add_argument("--markdown", default=None, help="also write the table to this file")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
-    ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    cfg = load_config(args.config, args.overrides)
-    _ensure_store(cfg)
-    saved = train(cfg, args.out)
-    test = ActivationStore(cfg.store).split(args.held_out, seed=0)[1]
+    cfg, saved, test = train_sweep(args)
     model = load_store_model(test)
     results = [evaluate(load(path), test, model=model, lm_tokens=args.lm_tokens, name=name)
                for name, path in saved.items()]

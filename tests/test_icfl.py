@@ -64,7 +64,7 @@ def test_icfl_recovers_the_atoms_of_a_known_sparse_dictionary():
         opt.step()
         opt.zero_grad()
         sae.project()
-        sae.after_step(step + 1, None)
+        sae.after_step(step + 1)
         first = first if first is not None else float(parts.mse.detach())
     best = (truth @ sae.W_dec.detach().T).max(1).values
     assert float((best > 0.9).float().mean()) >= 0.8, f"matched cosines: {best.sort().values.tolist()}"

@@ -120,8 +120,8 @@ class Dictionary(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reconstruct(x)[1]
 
-    def after_step(self, step: int, x: torch.Tensor) -> None:
-        """Called by the trainer after each optimiser step, with the prepared batch (e.g. ICFL re-draws)."""
+    def after_step(self, step: int) -> None:
+        """Called by the trainer after each optimiser step (ICFL re-draws duplicate atoms here)."""
 
     # --- invariants ------------------------------------------------------------------------
     @torch.no_grad()

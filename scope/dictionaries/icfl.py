@@ -111,7 +111,7 @@ class ICFL(Dictionary):
         self.W_enc.copy_(self.W_dec.T)
 
     @torch.no_grad()
-    def after_step(self, step: int, x: torch.Tensor) -> None:
+    def after_step(self, step: int) -> None:
         """Every ``redraw_every`` steps, re-draw one atom of each pair with cosine above ``redraw_cos``."""
         every = self.cfg.redraw_every
         if not every or step % every or self._residual is None:

@@ -24,7 +24,7 @@ import torch
 from scope.dictionaries.base import Dictionary
 from scope.errors import ScopeError
 from scope.evals.reconstruction import resolve_hook
-from scope.store.reader import ActivationStore, _doc_bucket
+from scope.store.reader import ActivationStore, doc_bucket
 
 THRESHOLDS = (0.5, 0.2)
 
@@ -145,7 +145,7 @@ def label_probe(x: torch.Tensor, x_hat: torch.Tensor, y: torch.Tensor, doc: torc
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    test = torch.tensor([_doc_bucket(int(d), seed + 17) < test_fraction for d in doc.tolist()])
+    test = torch.tensor([doc_bucket(int(d), seed + 17) < test_fraction for d in doc.tolist()])
     out = {"rows": int(len(y)), "test_rows": int(test.sum()), "chance": 1.0 / max(len(torch.unique(y)), 1)}
     if test.all() or not test.any() or len(torch.unique(y[~test])) < 2:
         out["error"] = "too few documents to fit and test a probe"  # type: ignore[assignment]

@@ -35,7 +35,7 @@ class _Chunk:
     stop: int
 
 
-def _doc_bucket(doc_id: int, seed: int) -> float:
+def doc_bucket(doc_id: int, seed: int) -> float:
     """A stable pseudo-random number in [0, 1) per document, independent of row order."""
     digest = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64
@@ -130,7 +130,7 @@ class ActivationStore:
         """(train, held-out) views, split by document so no document is in both."""
         if not 0 < held_out < 1:
             raise ScopeError(f"held_out must be a fraction in (0, 1), got {held_out}")
-        test = [d for d in self.documents if _doc_bucket(d, seed) < held_out]
+        test = [d for d in self.documents if doc_bucket(d, seed) < held_out]
         test_set = set(test)
         return self.select(d for d in self.documents if d not in test_set), self.select(test)
 

@@ -207,14 +207,18 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
         raise ScopeError(f"trainer.total_tokens {t.total_tokens} is less than one batch ({t.batch_size})")
 
     runs = []
+    fitted: dict[str, tuple[Whitening, InputStats]] = {}  # dictionaries with the same whitening share one fit
     for i, spec in enumerate(cfg.dictionaries):
         sae = build(_spec_to_dict_cfg(spec, d_in, hook, store))
         sae.reset_parameters(seed=t.seed + i)
         own = stats
         if spec.whitening is not None:
-            white = fit_control_whitening(train_view, hook, spec.whitening, t.seed)
+            key = spec.whitening.model_dump_json()
+            if key not in fitted:
+                white = fit_control_whitening(train_view, hook, spec.whitening, t.seed)
+                fitted[key] = white, input_stats(train_view, hook, t.norm_estimate_rows, t.seed, transform=white)
+            white, own = fitted[key]
             sae.whitening.load_state_dict(white.state_dict())
-            own = input_stats(train_view, hook, t.norm_estimate_rows, t.seed, transform=white)
         sae.input_scale.fill_(own.scale)
         if t.b_dec_init == "mean":
             with torch.no_grad():
@@ -262,7 +266,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
             run.opt.step()
             run.opt.zero_grad(set_to_none=True)
             run.sae.project()
-            run.sae.after_step(step + 1, xr)
+            run.sae.after_step(step + 1)
             counts = parts.counts.to(torch.long)
             if world > 1:
                 dist.all_reduce(counts, op=dist.ReduceOp.SUM)

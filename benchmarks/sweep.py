@@ -1,0 +1,30 @@
+"""What the study scripts share: the sweep arguments, and training a config's dictionaries on its store."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from scope.cli import _ensure_store
+from scope.store import ActivationStore
+from scope.training import TrainConfig, load_config, train
+
+
+def sweep_parser(description: str, config: str, out: str) -> argparse.ArgumentParser:
+    """--config, --out, --held-out, --markdown, --set and --json; a script adds its own options."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--config", default=config)
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--held-out", type=float, default=0.1)
+    ap.add_argument("--markdown", default=None, help="also write the table to this file")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
+    ap.add_argument("--json", action="store_true")
+    return ap
+
+
+def train_sweep(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Path], ActivationStore]:
+    """Capture the store if missing, train (or resume) every dictionary; return them and the held-out view."""
+    cfg = load_config(args.config, args.overrides)
+    _ensure_store(cfg)
+    saved = train(cfg, args.out)
+    return cfg, saved, ActivationStore(cfg.store).split(args.held_out, seed=0)[1]
