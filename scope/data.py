@@ -179,3 +179,26 @@ def iter_windows(tokenizer, documents: Sequence[Document], context: int, batch: 
         for doc, toks in zip(chunk, ids):
             for start in range(0, len(toks), body):
                 yield Window(doc.doc_id, start, (bos, *toks[start : start + body]))
+
+
+def doc_bucket(doc_id: int, seed: int) -> float:
+    """A stable pseudo-random number in [0, 1) per document, independent of row order."""
+    digest = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def take_windows(tokenizer, documents: Sequence[Document], context: int, max_tokens: int | None = None) -> list[Window]:
+    """The documents' windows (see :func:`iter_windows`) up to ``max_tokens`` tokens, BOS included.
+
+    The last window is cut short to fit; a window needs BOS plus one token to predict anything.
+    """
+    out: list[Window] = []
+    total = 0
+    for w in iter_windows(tokenizer, documents, context):
+        room = len(w.tokens) if max_tokens is None else min(len(w.tokens), max_tokens - total)
+        if room >= 2:
+            out.append(Window(w.doc_id, w.start, w.tokens[:room]))
+            total += room
+        if max_tokens is not None and total >= max_tokens - 1:
+            break
+    return out

@@ -13,8 +13,8 @@ import torch
 from scope.dictionaries.base import Dictionary
 from scope.errors import ScopeError
 from scope.evals.frontier import frontier_figure, write_frontier
-from scope.evals.lm_loss import (LMLossMetrics, lm_loss_on_windows, load_store_model, spliced_lm_loss,
-                                 store_windows)
+from scope.evals.lm_loss import LMLossMetrics, lm_loss_on_windows, spliced_lm_loss
+from scope.store.windows import load_store_model, store_windows
 from scope.evals.reconstruction import DENSE_THRESHOLD, ReconstructionMetrics, reconstruction_metrics
 from scope.models import LoadedModel
 from scope.store.reader import ActivationStore

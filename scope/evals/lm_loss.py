@@ -16,19 +16,20 @@ See docs/methods/evaluation.md.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from scope.data import Window, iter_windows, open_source
+from scope.data import Window
 from scope.dictionaries.base import Dictionary
 from scope.errors import ScopeError
 from scope.hooks import check_hooks
-from scope.models import LoadedModel, load_model
+from scope.models import LoadedModel
 from scope.store.reader import ActivationStore
+from scope.store.windows import padded_batches, store_windows
 
 Mode = Literal["spliced", "zero"]
 
@@ -50,59 +51,6 @@ class LMLossMetrics:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def load_store_model(store: ActivationStore, device: str | torch.device | None = None) -> LoadedModel:
-    """The model a store was captured from, in the dtype it was captured in."""
-    cfg = store.manifest.config
-    model = load_model(cfg.model, dtype=cfg.model_dtype, device=device)
-    if cfg.model_revision and model.facts.revision and model.facts.revision != cfg.model_revision:
-        warnings.warn(f"store {store.url!r} was captured from {cfg.model} revision {cfg.model_revision}, "
-                      f"but the model loaded now is revision {model.facts.revision}", stacklevel=2)
-    return model
-
-
-def store_windows(store: ActivationStore, tokenizer: Any, max_tokens: int | None = None) -> list[Window]:
-    """The context windows of the documents in a store view, rebuilt from the store's manifest.
-
-    Windows are cut exactly as at capture (same source, document order and context length), so a
-    held-out view gives windows of held-out documents only. At most ``max_tokens`` tokens (BOS
-    included): the last window is cut short to fit.
-    """
-    cfg = store.manifest.config
-    wanted = set(store.documents)
-    if not wanted:
-        raise ScopeError(f"store {store.url!r} has no documents in this view (an empty held-out split?); "
-                         "raise the held-out fraction or capture more tokens")
-    source = open_source(cfg.source.spec, text_column=cfg.source.text_column, label_column=cfg.source.label_column)
-    if source.fingerprint != cfg.source.fingerprint:
-        raise ScopeError(f"text source {cfg.source.spec!r} has changed since store {store.url!r} was captured "
-                         f"(fingerprint {source.fingerprint} != {cfg.source.fingerprint}); its documents cannot "
-                         "be matched to the store's")
-    docs = [d for d in source.documents(cfg.seed) if d.doc_id in wanted]
-    out: list[Window] = []
-    total = 0
-    for w in iter_windows(tokenizer, docs, cfg.context):
-        room = len(w.tokens) if max_tokens is None else min(len(w.tokens), max_tokens - total)
-        if room >= 2:  # a window needs BOS plus one token to predict anything
-            out.append(Window(w.doc_id, w.start, w.tokens[:room]))
-            total += room
-        if max_tokens is not None and total >= max_tokens - 1:
-            break
-    return out
-
-
-def _batches(windows: Sequence[Window], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Right-padded token and attention-mask tensors, ``batch_size`` windows at a time."""
-    for a in range(0, len(windows), batch_size):
-        chunk = windows[a : a + batch_size]
-        length = max(len(w.tokens) for w in chunk)
-        toks = torch.full((len(chunk), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), length), dtype=torch.long)
-        for r, w in enumerate(chunk):
-            toks[r, : len(w.tokens)] = torch.tensor(w.tokens)
-            mask[r, : len(w.tokens)] = 1
-        yield toks, mask
 
 
 def _replacement(sae: Dictionary, mode: Mode, splice_bos: bool) -> Callable[..., torch.Tensor]:
@@ -173,7 +121,7 @@ def lm_loss_on_windows(
     n = clean = spliced = zeroed = kl = 0.0
     bar = tqdm(total=sum(len(w.tokens) for w in windows), desc="lm loss", unit="tok", disable=not progress,
                dynamic_ncols=True)
-    for toks, mask in _batches(windows, batch_size, pad_id):
+    for toks, mask in padded_batches(windows, batch_size, pad_id):
         toks, mask = toks.to(model.device), mask.to(model.device)
         # Right padding: a target is real iff its own position is; earlier positions never see pads.
         keep = mask[:, 1:].bool()

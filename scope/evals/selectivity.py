@@ -24,7 +24,8 @@ import torch
 from scope.dictionaries.base import Dictionary
 from scope.errors import ScopeError
 from scope.evals.reconstruction import resolve_hook
-from scope.store.reader import ActivationStore, doc_bucket
+from scope.data import doc_bucket
+from scope.store.reader import ActivationStore
 
 THRESHOLDS = (0.5, 0.2)
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from scope.data import doc_bucket
 from scope.errors import ScopeError
 from scope.store.fs import StoreFS
 from scope.store.manifest import Manifest, read_documents, read_manifest
@@ -33,12 +33,6 @@ class _Chunk:
     shard: int
     start: int
     stop: int
-
-
-def doc_bucket(doc_id: int, seed: int) -> float:
-    """A stable pseudo-random number in [0, 1) per document, independent of row order."""
-    digest = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64
 
 
 class ActivationStore:
