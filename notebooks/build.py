@@ -106,6 +106,34 @@ NOTEBOOKS = {
         new_code_cell("import plotly.express as px\n\n"
                       "px.bar(rows, x='dictionary', y='dead', title='Dead features on held-out documents (< 1e-5 of rows)')"),
     ],
+    "04_rope_frequencies.ipynb": [
+        new_markdown_cell("# RoPE frequencies in Gemma 3 270M\n\nWhich rotary frequencies do queries and keys use, "
+                          "which heads attend to themselves, their predecessor or the first token, and what does "
+                          "rotating only some frequencies (p-RoPE) cost at inference? After Barbero et al., *Round "
+                          "and Round We Go!* (ICLR 2025). Local (sliding-window, base 1e4) and global (base 1e6) "
+                          "layers are kept apart. See `docs/methods/rope.md`."),
+        new_code_cell(SIZES),
+        new_code_cell("from scope.models import load_model\nfrom scope.analysis.rope import rotary_inv_freq\n\n"
+                      "model = load_model('gemma-3-270m')\n"
+                      "print(model.facts.layer_types, model.facts.rope_base)\n"
+                      "g = {kind: rotary_inv_freq(model, kind) for kind in ('local', 'global')}\n"
+                      "{kind: (f'{v[0]:.3g}', f'{v[-1]:.3g}') for kind, v in g.items()}  # rad/token, highest and lowest"),
+        new_code_cell("from scope.store.windows import split_windows\n\n"
+                      "windows, held_out = split_windows(model.tokenizer, corpus='wiki', tokens=600 if SMALL else 16_384,\n"
+                      "                                  heldout_tokens=120 if SMALL else 4096, context=64 if SMALL else 256)\n"
+                      "len(windows), len(held_out)"),
+        new_code_cell("from scope.analysis.rope_report import rope_report\n\n"
+                      "report = rope_report(model, windows, held_out, ps=(1, 0.5, 0) if SMALL else (1, 0.75, 0.5, 0.25, 0))\n"
+                      "report.summary()"),
+        new_code_cell("from scope.analysis.rope_report import usage_figure\n\nusage_figure(report.usage, 'q')"),
+        new_code_cell("usage_figure(report.usage, 'k')"),
+        new_code_cell("usage_figure(report.usage, 'v')  # the control: values are never rotated"),
+        new_code_cell("from scope.analysis.rope_report import heads_figure\n\n"
+                      "print([(h['layer'], h['head'], h['type'], round(h['score'], 2)) for h in report.heads.classify()][:10])\n"
+                      "heads_figure(report)"),
+        new_code_cell("from scope.analysis.rope_report import p_rope_figure\n\np_rope_figure(report)"),
+        new_code_cell("from scope.analysis.rope_report import write_report\n\nwrite_report(report, f'{OUT}/rope')"),
+    ],
 }
 
 

@@ -403,79 +403,9 @@ def pull(repo_id: str, path_in_repo: Annotated[Optional[str], typer.Argument()] 
     _emit({"path": str(path)}, as_json, str(path))
 
 
-analyze_app = typer.Typer(help="Analyses of the model's internals: RoPE frequencies, class-embedding projections.",
-                          no_args_is_help=True)
+from scope.cli_analyze import analyze_app  # noqa: E402 (needs friendly, _emit and the option types above)
+
 app.add_typer(analyze_app, name="analyze")
-
-
-def _floats(text: str, name: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ScopeError(f"{name} must be comma-separated numbers, got {text!r}") from None
-
-
-@analyze_app.command("rope")
-@friendly
-def analyze_rope(
-    out: Annotated[str, typer.Option(help="Folder (or fsspec URL) for rope.json and the HTML figures.")],
-    model: ModelOpt = "gemma-3-270m",
-    store: Annotated[Optional[str], typer.Option(help="Analyse the text of this store (its q/k/v rows when it holds them).")] = None,
-    corpus: Annotated[Optional[str], typer.Option(help="Or analyse this corpus directly: wiki, bbc, tweets, a file or hf:NAME.")] = None,
-    tokens: Annotated[int, typer.Option(help="Tokens for frequency usage and head types.")] = 16_384,
-    eval_tokens: Annotated[int, typer.Option(help="Held-out tokens for the p-RoPE loss (0 skips p-RoPE).")] = 4096,
-    context: Annotated[int, typer.Option(help="Context window length with --corpus, BOS included.")] = 256,
-    p: Annotated[str, typer.Option("--p", help="Fractions of frequencies kept for p-RoPE.")] = "1,0.75,0.5,0.25,0",
-    layers: Annotated[Optional[str], typer.Option(help="Comma-separated layers (default: all).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Context windows per forward pass.")] = 8,
-    dtype: Annotated[Optional[str], typer.Option(help="Model dtype (default float32).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1… (default: cuda when present).")] = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Per-frequency q/k usage, head types and p-RoPE costs (Barbero et al. 2025); JSON and HTML into --out."""
-    from scope.analysis.rope_report import rope_report, write_report
-    from scope.models import load_model
-    from scope.store import ActivationStore
-    from scope.store.windows import split_windows
-
-    if batch_size <= 0:
-        raise ScopeError(f"--batch-size must be positive, got {batch_size}")
-    ps = _floats(p, "--p")
-    chosen = [int(x) for x in _floats(layers, "--layers")] if layers else None
-    if (store is None) == (corpus is None):
-        raise ScopeError("pass exactly one of --store DIR or --corpus NAME (wiki, bbc, tweets, a file or hf:NAME)")
-    view = ActivationStore(store) if store else None
-    lm = load_model(model, dtype=dtype, device=device)
-    windows, heldout = split_windows(lm.tokenizer, view, corpus, tokens, eval_tokens, context)
-    report = rope_report(lm, windows, heldout, store=view, ps=ps, layers=chosen, batch_size=batch_size,
-                         progress=not as_json)
-    files = write_report(report, out)
-    result = {"out": out, "files": files, **report.to_dict()}
-    _emit(result, as_json, _rope_text(report, files))
-
-
-def _rope_text(report, files: dict) -> str:
-    s = report.summary()
-    lines = [f"RoPE analysis of {report.usage.model} over {report.usage.tokens:,} tokens "
-             "(share of the mean chunk norm per quarter of the frequencies, highest first)"]
-    for kind in ("local", "global"):
-        if kind in s:
-            for t in ("q", "k", "v"):
-                lines.append(f"  {kind:<6} {t}: " + "  ".join(f"{x:6.1%}" for x in s[kind][t]))
-    heads = report.heads.classify()
-    lines.append(f"head types ({len(heads)} heads pass a threshold {report.heads.thresholds}):")
-    for kind in ("diagonal", "previous", "first"):
-        found = [f"L{h['layer']}H{h['head']}" for h in heads if h["type"] == kind]
-        lines.append(f"  {kind:<9} {len(found):>3}  {' '.join(found[:12])}{' …' if len(found) > 12 else ''}")
-    if report.p_rope:
-        lines.append(f"p-RoPE on {report.eval_tokens:,} held-out tokens: unmodified CE {report.base_ce:.4f}")
-        lines.append(f"  {'layers':<7} {'dropped':<8} " + " ".join(f"p={r.p:<5g}" for r in report.p_rope if r.where == report.p_rope[0].where and r.drop != "highest"))
-        for where in dict.fromkeys(r.where for r in report.p_rope):
-            for drop in ("lowest", "highest"):
-                row = [r for r in report.p_rope if r.where == where and r.drop in (drop, "-")]
-                lines.append(f"  {where:<7} {drop:<8} " + " ".join(f"{r.delta:+7.3f}" for r in row))
-    lines.append(f"wrote {len(files)} files to {files['json'].rsplit('/', 1)[0]}")
-    return "\n".join(lines)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m scope`

@@ -287,3 +287,20 @@ def load_model(
 
 def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def random_init(model: LoadedModel, seed: int = 0) -> LoadedModel:
+    """A copy of the model's architecture with freshly initialised weights: the untrained baseline."""
+    from transformers import AutoModelForCausalLM
+    from transformer_lens.model_bridge import TransformerBridge
+
+    torch.manual_seed(seed)
+    config = model.hf_model.config
+    hf_model = AutoModelForCausalLM.from_config(config, dtype=model.dtype, attn_implementation="eager")
+    hf_model.to(model.device).eval()
+    source = config._name_or_path or resolve_spec(model.spec)[0]
+    bridge = TransformerBridge.boot_transformers(source, hf_model=hf_model, tokenizer=model.tokenizer,
+                                                 device=model.device, dtype=model.dtype)
+    bridge.eval()
+    return LoadedModel(bridge=bridge, tokenizer=model.tokenizer, facts=model.facts, spec=f"{model.spec} (random init)",
+                       dtype=model.dtype, device=model.device)

@@ -3,22 +3,19 @@ as one JSON-ready object and a folder of plotly figures (what ``scope analyze ro
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import plotly.graph_objects as go
 import torch
-from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from scope.analysis.rope import (FrequencyUsage, HeadScores, PRopeResult, analyze_windows, band_shares,
                                  dropped_chunks, frequency_usage_from_store, p_rope_sweep, store_rope_hooks)
+from scope.analysis.output import write_results
 from scope.data import Window
 from scope.models import LoadedModel
-from scope.store.fs import StoreFS
 from scope.store.reader import ActivationStore
 
 _TENSORS = {"q": "query", "k": "key", "v": "value (control: not rotated)"}
@@ -195,29 +192,5 @@ def figures(report: RopeReport) -> dict[str, go.Figure]:
 
 
 def write_report(report: RopeReport, out: str) -> dict[str, str]:
-    """Write ``rope.json`` and one HTML file per figure into folder or fsspec URL ``out``, atomically.
-
-    The figures load one ``plotly.min.js`` written beside them, so they open offline from
-    ``file://``. Returns the written names.
-    """
-    fs = StoreFS(out)
-    fs.makedirs()
-    fs.write_atomic("rope.json", json.dumps(_finite(report.to_dict()), indent=1).encode())
-    if not fs.exists("plotly.min.js"):
-        fs.write_atomic("plotly.min.js", get_plotlyjs().encode())
-    written = {"json": fs.path("rope.json")}
-    for name, fig in figures(report).items():
-        fs.write_atomic(f"{name}.html", fig.to_html(include_plotlyjs="directory", full_html=True).encode())
-        written[name] = fs.path(f"{name}.html")
-    return written
-
-
-def _finite(x: Any) -> Any:
-    """NaN/inf become null so the JSON stays standard."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
+    """Write ``rope.json`` and one HTML file per figure into folder or fsspec URL ``out``; returns the paths."""
+    return write_results(out, "rope.json", report.to_dict(), figures(report))
