@@ -134,6 +134,49 @@ NOTEBOOKS = {
         new_code_cell("from scope.analysis.rope_report import p_rope_figure\n\np_rope_figure(report)"),
         new_code_cell("from scope.analysis.rope_report import write_report\n\nwrite_report(report, f'{OUT}/rope')"),
     ],
+    "05_class_embedding_projections.ipynb": [
+        new_markdown_cell("# Class-embedding projections: a ViT and the logit lens on Gemma\n\nSend every intermediate "
+                          "representation through the final norm onto the class embeddings and ask: is the true class "
+                          "on top? (Vilas, Schaumlöffel and Roig, NeurIPS 2023; for language models, the logit lens.) "
+                          "First a small ViT trained here on scikit-learn's digits against its random initialisation, "
+                          "then Gemma 3 270M for the next token and for BBC topic labels. See "
+                          "`docs/methods/class_embedding.md`."),
+        new_code_cell(SIZES),
+        new_code_cell("from scope.analysis.vision import digits, train_tiny_vit, vit_identifiability\n"
+                      "from scope.analysis.class_embedding_report import ClassEmbeddingReport, layers_figure\n\n"
+                      "xtr, ytr, xte, yte = digits()\n"
+                      "vit, untrained = train_tiny_vit(xtr, ytr, epochs=10 if SMALL else 40, d=32 if SMALL else 64)\n"
+                      "print('test accuracy', float((vit(xte).argmax(1) == yte).float().mean()))\n"
+                      "vit_report = ClassEmbeddingReport(trained=vit_identifiability(vit.parts(), xte, yte),\n"
+                      "                                  random=vit_identifiability(untrained.parts(), xte, yte))\n"
+                      "layers_figure(vit_report, 'Tiny ViT on digits: identifiability of the image class per block')"),
+        new_code_cell("from scope.models import load_model, random_init\nfrom scope.data import open_source, take_windows\n"
+                      "from scope.analysis.logit_lens import lens_identifiability\n\n"
+                      "model = load_model('gemma-3-270m')\n"
+                      "layers = [0, 6, 12, 17] if SMALL else None\n"
+                      "windows = take_windows(model.tokenizer, open_source('wiki').documents(0)[:50], 64, 200 if SMALL else 4096)\n"
+                      "lens = ClassEmbeddingReport(trained=lens_identifiability(model, windows, layers=layers),\n"
+                      "                            random=lens_identifiability(random_init(model), windows, layers=layers))\n"
+                      "layers_figure(lens)"),
+        new_code_cell("from scope.analysis.logit_lens import gemma_class_space, label_word_ids, prompt_windows\n\n"
+                      "docs = open_source('bbc').documents(0)[: 8 if SMALL else 200]\n"
+                      "names = sorted({d.label for d in open_source('bbc').documents(0)})\n"
+                      "ids, words = label_word_ids(model.tokenizer, names)\n"
+                      "topic_space = gemma_class_space(model, ids, names)\n"
+                      "prompts = prompt_windows(model.tokenizer, docs, 96)\n"
+                      "topics = lens_identifiability(model, prompts, [names.index(d.label) for d in docs], topic_space, layers)\n"
+                      "# mean s at the last prompt position ('Topic:') per layer; 0.5 is chance\n"
+                      "dict(zip([s.site for s in topics.sites], [round(r, 3) for r in topics.readout]))"),
+        new_code_cell("from scope.analysis.class_embedding_report import heatmap_figure, token_heatmap\n"
+                      "from scope.analysis.logit_lens import residual_sites\n\n"
+                      "chain = residual_sites(model, layers)[1]\n"
+                      "heatmap_figure(token_heatmap(model, gemma_class_space(model), windows[0], chain))"),
+        new_code_cell("from scope.analysis.class_embedding import direction_classes\n"
+                      "from scope.analysis.logit_lens import mlp_value_vectors\n\n"
+                      "# Key-value memories: the tokens each of the last MLP's first value vectors promotes most\n"
+                      "found = direction_classes(gemma_class_space(model), mlp_value_vectors(model, 17)[:5], k=5)\n"
+                      "[found.named(i, lambda ids: [model.tokenizer.decode([t]) for t in ids])['top'] for i in range(5)]"),
+    ],
 }
 
 
