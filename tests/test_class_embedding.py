@@ -151,3 +151,19 @@ def test_analyze_class_embedding_cli_with_labels(tmp_path):
     assert json.loads((out / "class_embedding.json").read_text())["trained"] == result["trained"]
     res = CliRunner().invoke(app, ["analyze", "class-embedding", "--labels", "bbc", "--corpus", "wiki", "--out", str(out)])
     assert res.exit_code == 2 and "--labels bbc names the classes" in res.output
+
+
+@pytest.mark.real_model
+def test_analyze_class_embedding_cli_from_a_store(small_store, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["analyze", "class-embedding", "--store", small_store.url, "--labels", "bbc", "--tokens", "500",
+                              "--no-random-baseline", "--out", str(tmp_path / "s"), "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.output)
+    assert [s["site"] for s in result["trained"]["sites"]] == ["blocks.6.hook_resid_post"]
+    assert result["trained"]["tokens"] == 500 and result["trained"]["n_classes"] == 5 and result["random"] is None
+    res = runner.invoke(app, ["analyze", "class-embedding", "--store", small_store.url, "--tokens", "300",
+                              "--no-random-baseline", "--out", str(tmp_path / "n"), "--json"])
+    assert res.exit_code == 0, res.output
+    nxt = json.loads(res.output)["trained"]
+    assert nxt["mode"] == "next-token" and 0 < nxt["tokens"] <= 300 and nxt["sites"][0]["mean_score"] > 0.6
