@@ -250,7 +250,7 @@ def random_sae(folder, width: int, seed: int) -> str:
 
 @pytest.mark.real_model
 def test_scope_eval_json_end_to_end(gemma, small_store, tmp_path, monkeypatch):
-    import scope.evals.lm_loss as lm_loss
+    import scope.store.windows as windows
 
     loaded = []
 
@@ -258,7 +258,7 @@ def test_scope_eval_json_end_to_end(gemma, small_store, tmp_path, monkeypatch):
         loaded.append((spec, dtype))
         return gemma
 
-    monkeypatch.setattr(lm_loss, "load_model", reuse_fixture)
+    monkeypatch.setattr(windows, "load_model", reuse_fixture)
     result = CliRunner().invoke(app, ["eval", "--sae", random_sae(tmp_path / "sae128", 128, 0),
                                       "--store", small_store.url, "--held-out", "0.5", "--lm-tokens", "64",
                                       "--device", "cpu", "--json"])
