@@ -167,3 +167,19 @@ def test_analyze_class_embedding_cli_from_a_store(small_store, tmp_path):
     assert res.exit_code == 0, res.output
     nxt = json.loads(res.output)["trained"]
     assert nxt["mode"] == "next-token" and 0 < nxt["tokens"] <= 300 and nxt["sites"][0]["mean_score"] > 0.6
+
+
+@pytest.mark.real_model
+def test_component_sites_and_attention_value_vectors(gemma):
+    from scope.analysis.logit_lens import attention_value_vectors, mlp_value_vectors
+
+    windows = take_windows(gemma.tokenizer, open_source("wiki").documents(0)[:3], 32, 40)
+    res = lens_identifiability(gemma, windows, layers=[17], components=True, progress=False)
+    sites = {s.site: s for s in res.sites}
+    assert set(sites) == {"blocks.0.hook_resid_pre", "blocks.17.hook_resid_post", "blocks.17.hook_attn_out",
+                          "blocks.17.hook_mlp_out"}
+    assert sites["blocks.17.hook_attn_out"].change_rate_pct is None  # only the residual chain has a change rate
+    assert sites["blocks.17.hook_resid_post"].change_rate_pct is not None
+    f = gemma.facts
+    assert attention_value_vectors(gemma, 3).shape == (f.n_heads * f.d_head, f.d_model)
+    assert mlp_value_vectors(gemma, 3).shape == (f.d_mlp, f.d_model)

@@ -83,7 +83,7 @@ def test_near_duplicate_atoms_are_redrawn():
     assert sae.redraw_duplicates(torch.randn(8, 16), seed=0) == 1
     changed = (sae.W_dec != before).any(1).nonzero().squeeze(-1).tolist()
     assert changed == [5]
-    assert float(sae.W_dec[5].detach() @ sae.W_dec[3].detach()) < 0.9 and abs(float(sae.W_dec[5].norm()) - 1) < 1e-5
+    assert float(sae.W_dec[5].detach() @ sae.W_dec[3].detach()) < 0.9 and abs(float(sae.W_dec[5].detach().norm()) - 1) < 1e-5
 
 
 def test_whitening_gives_identity_covariance_on_the_control_set_and_inverts_exactly():
