@@ -105,11 +105,10 @@ def analyze_class_embedding(
 ) -> None:
     """Logit lens / class-embedding projection with class identifiability per layer (Vilas et al. 2023)."""
     from scope.analysis.class_embedding import score_sites
-    from scope.analysis.class_embedding_report import ClassEmbeddingReport, token_heatmap, write_report
-    from scope.analysis.logit_lens import (gemma_class_space, label_word_ids, lens_identifiability, mlp_memories,
-                                           prompt_windows, residual_sites, store_batches)
+    from scope.analysis.class_embedding_report import lens_report, write_report
+    from scope.analysis.logit_lens import gemma_class_space, label_word_ids, prompt_windows, store_batches
     from scope.data import open_source
-    from scope.models import load_model, random_init
+    from scope.models import load_model
     from scope.store import ActivationStore
     from scope.store.windows import split_windows, store_windows
 
@@ -124,50 +123,37 @@ def analyze_class_embedding(
         raise ScopeError(f"--labels {labels} names the classes of corpus {labels!r}, but --corpus is {corpus!r}; "
                          "drop --corpus or make them the same")
     lm = load_model(model, dtype=dtype, device=device)
-    progress = not as_json
-    label_names, label_idx, space = None, None, gemma_class_space(lm)
     view = ActivationStore(store) if store else None
+    # Label mode: documents without a label cannot be scored and are left out.
+    docs = [d for d in open_source(labels).documents(0) if d.label] if labels and view is None else []
+    names, ids, label_idx = None, None, None
     if labels is not None:
-        docs = open_source(labels).documents(0) if view is None else None
-        names = sorted({lab for lab, _ in view.documents.values() if lab} if view else {d.label for d in docs if d.label})
+        names = sorted({lab for lab, _ in view.documents.values() if lab} if view else {d.label for d in docs})
         if not names:
             raise ScopeError(f"{labels!r} has no document labels to use as classes")
         ids, _ = label_word_ids(lm.tokenizer, names)
-        label_names, space = names, gemma_class_space(lm, ids, names)
+    trained = None
     if view is not None:
         resid = sorted((h for h in view.hooks if view.width(h) == lm.facts.d_model and "resid" in h),
                        key=lambda h: (int(h.split(".")[1]) if h.startswith("blocks.") else -1, h))
         if not resid:
             raise ScopeError(f"store {store!r} holds no residual-stream hook of width {lm.facts.d_model} "
                              f"(it has {sorted(view.hooks)}); capture e.g. blocks.6.hook_resid_post")
-        batches, n_inputs = store_batches(view, resid, {n: i for i, n in enumerate(label_names)} if label_names else None,
+        batches, n_inputs = store_batches(view, resid, {n: i for i, n in enumerate(names)} if names else None,
                                           max_rows=tokens)
-        trained = score_sites(space, batches, resid, resid, n_inputs, "labels" if labels else "next-token")
+        trained = score_sites(gemma_class_space(lm, ids, names), batches, resid, resid, n_inputs,
+                              "labels" if names else "next-token")
         chosen = sorted({int(h.split(".")[1]) for h in resid if h.startswith("blocks.")})
-        windows = store_windows(view, lm.tokenizer, tokens)
-        by_doc = {d: lab for d, (lab, _) in view.documents.items()}
-        label_idx = [label_names.index(by_doc[w.doc_id]) for w in windows] if label_names else None
+        label_of = {d: lab for d, (lab, _) in view.documents.items()}
+        windows = [w for w in store_windows(view, lm.tokenizer, tokens) if not names or label_of[w.doc_id] in names]
+        label_idx = [names.index(label_of[w.doc_id]) for w in windows] if names else None
+    elif names:
+        docs = docs[: max(1, tokens // context)]
+        windows, label_idx = prompt_windows(lm.tokenizer, docs, context), [names.index(d.label) for d in docs]
     else:
-        if label_names:
-            windows = prompt_windows(lm.tokenizer, docs[: max(1, tokens // context)], context)
-            label_idx = [label_names.index(d.label) for d in docs[: len(windows)]]
-        else:
-            windows, _ = split_windows(lm.tokenizer, corpus=corpus, tokens=tokens, context=context)
-        trained = lens_identifiability(lm, windows, label_idx, space, chosen, components, batch_size, progress)
-    report = ClassEmbeddingReport(trained=trained, classes=label_names)
-    sites, chain = residual_sites(lm, chosen, False)
-    report.heatmap = token_heatmap(lm, space, windows[0], chain, label_idx[0] if label_idx else None)
-    if memories:
-        mem_layers = chosen or list(range(lm.facts.n_layers))
-        report.memories = mlp_memories(lm, windows, space, mem_layers, label_idx, class_top=1 if label_names else 10,
-                                       batch_size=batch_size)
-        decode = (lambda ids: [label_names[i] for i in ids]) if label_names else (lambda ids: [lm.tokenizer.decode([i]) for i in ids])
-        report.memory_examples = {L: [{"memory": i, **report.memories.top_classes[L].named(i, decode)} for i in range(3)]
-                                  for L in mem_layers}
-    if random_baseline:
-        rand = random_init(lm)
-        rspace = gemma_class_space(rand, ids, label_names) if label_names else gemma_class_space(rand)
-        report.random = lens_identifiability(rand, windows, label_idx, rspace, chosen, False, batch_size, progress)
+        windows, _ = split_windows(lm.tokenizer, corpus=corpus, tokens=tokens, context=context)
+    report = lens_report(lm, windows, label_idx, ids, names, chosen, components, trained, random_baseline, memories,
+                         batch_size, not as_json)
     files = write_report(report, out)
     _emit({"out": out, "files": files, **report.to_dict()}, as_json, _class_text(report, files))
 

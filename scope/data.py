@@ -202,3 +202,8 @@ def take_windows(tokenizer, documents: Sequence[Document], context: int, max_tok
         if max_tokens is not None and total >= max_tokens - 1:
             break
     return out
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's padding id, or 0 for tokenizers without one (padding is always masked out)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

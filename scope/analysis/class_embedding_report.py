@@ -12,11 +12,13 @@ import torch
 from plotly.subplots import make_subplots
 
 from scope.analysis.class_embedding import ClassSpace, Identifiability, identifiability
-from scope.analysis.logit_lens import MemoryReport
+from scope.analysis.logit_lens import (MemoryReport, gemma_class_space, lens_identifiability, mlp_memories,
+                                       residual_sites)
 from scope.analysis.output import write_results
 from scope.data import Window
 from scope.hooks import capture
-from scope.models import LoadedModel
+from scope.errors import ScopeError
+from scope.models import LoadedModel, random_init
 
 
 @dataclass
@@ -47,20 +49,59 @@ def token_heatmap(model: LoadedModel, space: ClassSpace, window: Window, sites: 
     acts = capture(model, toks, sites)
     if label is None:
         target, cols = toks[0, 2:], slice(1, len(window.tokens) - 1)  # position t predicts token t+1
+        shown: Any = [model.tokenizer.decode([t]) for t in target.tolist()]
     else:
         target, cols = torch.full((len(window.tokens) - 1,), label), slice(1, len(window.tokens))
+        shown = space.classes[label] if space.classes else label
     rows = [identifiability(space.logits(acts[s][0, cols].float()), target).tolist() for s in sites]
     return {"tokens": [model.tokenizer.decode([t]) for t in window.tokens[cols]], "sites": list(sites), "scores": rows,
-            "target": [model.tokenizer.decode([t]) for t in target.tolist()] if label is None else space.classes[label]
-            if space.classes else label}
+            "target": shown}
 
 
 def _label(site: str) -> str:
+    """Short axis label: embed, L6 (residual after block 6), L6 attn_out / mlp_out."""
     if site.endswith("hook_resid_pre"):
         return "embed"
+    if not site.startswith("blocks."):
+        return site
     parts = site.split(".")
-    return f"L{parts[1]}" if site.endswith("resid_post") else f"L{parts[1]} {parts[-1].removeprefix('hook_')}" \
-        if site.startswith("blocks.") else site
+    return f"L{parts[1]}" if site.endswith("resid_post") else f"L{parts[1]} {parts[-1].removeprefix('hook_')}"
+
+
+def lens_report(model: LoadedModel, windows: Sequence[Window], labels: Sequence[int] | None = None,
+                class_ids: Sequence[int] | None = None, class_names: Sequence[str] | None = None,
+                layers: Sequence[int] | None = None, components: bool = False, trained: Identifiability | None = None,
+                random_baseline: bool = True, memories: bool = False, batch_size: int = 4,
+                progress: bool = True) -> ClassEmbeddingReport:
+    """Identifiability of a Gemma model over windows (unless ``trained`` was scored already, e.g. from a
+    store), a heatmap of the first window, optionally MLP memories and the random-init baseline.
+
+    Classes are the next token, or with ``labels`` (one class index per window) the unembedding
+    rows ``class_ids`` named ``class_names``.
+    """
+    if not windows:
+        raise ScopeError("no text to project: the corpus or store gave no windows (with labels: no labelled documents)")
+    space = gemma_class_space(model, class_ids, class_names)
+    if trained is None:
+        trained = lens_identifiability(model, windows, labels, space, layers, components, batch_size, progress)
+    report = ClassEmbeddingReport(trained=trained, classes=space.classes)
+    chain = residual_sites(model, layers)[1]
+    report.heatmap = token_heatmap(model, space, windows[0], chain, labels[0] if labels else None)
+    if memories:
+        mem_layers = list(layers) if layers else list(range(model.facts.n_layers))
+        report.memories = mlp_memories(model, windows, space, mem_layers, labels, class_top=1 if labels else 10,
+                                       batch_size=batch_size)
+        if space.classes:
+            names = lambda ids: [space.classes[i] for i in ids]  # noqa: E731
+        else:
+            names = lambda ids: [model.tokenizer.decode([i]) for i in ids]  # noqa: E731
+        report.memory_examples = {L: [{"memory": i, **report.memories.top_classes[L].named(i, names)} for i in range(3)]
+                                  for L in mem_layers}
+    if random_baseline:  # the same classes, read through the random copy's own norm and unembedding
+        rand = random_init(model)
+        report.random = lens_identifiability(rand, windows, labels, gemma_class_space(rand, class_ids, class_names),
+                                             layers, False, batch_size, progress)
+    return report
 
 
 def layers_figure(report: ClassEmbeddingReport, title: str = "") -> go.Figure:

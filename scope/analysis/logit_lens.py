@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from scope.analysis.class_embedding import (ClassSpace, DirectionClasses, Identifiability, direction_classes,
                                             memory_agreement, score_sites)
-from scope.data import Document, Window
+from scope.data import Document, Window, pad_token_id
 from scope.errors import ScopeError
 from scope.hooks import capture, check_hooks
 from scope.models import LoadedModel
@@ -90,7 +90,7 @@ def model_batches(model: LoadedModel, windows: Sequence[Window], sites: Sequence
     Position 0 (BOS) is never scored; in next-token mode neither is the last position (no target).
     """
     check_hooks(model, sites)
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(model.tokenizer)
     bar = tqdm(total=sum(len(w.tokens) for w in windows), desc="class projection", unit="tok", disable=not progress,
                dynamic_ncols=True)
     for start, (toks, mask) in zip(range(0, len(windows), batch_size), padded_batches(windows, batch_size, pad_id)):
@@ -193,8 +193,9 @@ def mlp_memories(model: LoadedModel, windows: Sequence[Window], space: ClassSpac
                  batch_size: int = 4) -> MemoryReport:
     """Top classes of every MLP value vector and the agreement rate of each token's ``k`` most
     activated memories (by a_i·‖v_i‖) with its true class (among a memory's ``class_top`` classes)."""
-    tops = {L: direction_classes(space, mlp_value_vectors(model, L), k=class_top) for L in layers}
-    norms = {L: mlp_value_vectors(model, L).norm(dim=1).cpu() for L in layers}
+    values = {L: mlp_value_vectors(model, L) for L in layers}
+    tops = {L: direction_classes(space, v, k=class_top) for L, v in values.items()}
+    norms = {L: v.norm(dim=1).cpu() for L, v in values.items()}
     sites = [f"blocks.{L}.mlp.hook_post" for L in layers]
     hits = {L: 0.0 for L in layers}
     n = 0

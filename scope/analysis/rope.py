@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
-from scope.data import Window
+from scope.data import Window, pad_token_id
 from scope.errors import ScopeError
 from scope.hooks import check_hooks
 from scope.models import LoadedModel, ModelFacts
@@ -92,13 +92,14 @@ def band_shares(profile: torch.Tensor, bands: int = 4) -> torch.Tensor:
 class _Sums:
     """Running sums of per-chunk norms ``[layer, head, K]`` and of the rows behind them."""
 
+    n_layers: int
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     rows: int = 0
 
-    def add(self, tensor: str, layer_slot: int, n_layers: int, x: torch.Tensor, layout: Layout) -> None:
+    def add(self, tensor: str, layer_slot: int, x: torch.Tensor, layout: Layout = "half") -> None:
         norms = chunk_norms(x, layout).double().sum(0)  # x: [rows, heads, d_head]
         if tensor not in self.sums:
-            self.sums[tensor] = torch.zeros(n_layers, *norms.shape, dtype=torch.float64)
+            self.sums[tensor] = torch.zeros(self.n_layers, *norms.shape, dtype=torch.float64)
         self.sums[tensor][layer_slot] += norms.cpu()
 
 
@@ -212,7 +213,7 @@ def analyze_windows(
     names = check_hooks(model, rope_hooks(model, layers, patterns=heads))
     if not frequencies:
         names = [n for n in names if n.endswith("hook_pattern")]
-    sums, scores, queries = _Sums(), torch.zeros(3, len(layers), model.facts.n_heads, dtype=torch.float64), 0
+    sums, scores, queries = _Sums(len(layers)), torch.zeros(3, len(layers), model.facts.n_heads, dtype=torch.float64), 0
     state: dict[str, Any] = {}
 
     def make(name: str):
@@ -226,7 +227,7 @@ def analyze_windows(
                 state["queries"] = q
             else:
                 tensor = {"hook_rot_q": "q", "hook_rot_k": "k", "hook_v": "v"}[kind]
-                sums.add(tensor, slot[L], len(layers), x[state["keep"]], "half")
+                sums.add(tensor, slot[L], x[state["keep"]])
             state["fired"] += 1
             if state["fired"] == len(names):
                 raise StopAtLayerException(x)
@@ -234,7 +235,7 @@ def analyze_windows(
 
         return hook_fn
 
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(model.tokenizer)
     bar = tqdm(total=sum(len(w.tokens) for w in windows), desc="rope analysis", unit="tok",
                disable=not progress, dynamic_ncols=True)
     with model.bridge.hooks(fwd_hooks=[(n, make(n)) for n in names]):
@@ -243,10 +244,7 @@ def analyze_windows(
             keep = mask.bool().clone()
             keep[:, 0] = False
             state.update(mask=mask, keep=keep, fired=0, queries=0)
-            try:
-                model.bridge(toks, attention_mask=mask, return_type=None)
-            except StopAtLayerException:
-                pass
+            model.bridge(toks, attention_mask=mask, return_type=None)  # the bridge catches the early stop
             sums.rows += int(keep.sum())
             queries += state["queries"]
             bar.update(int(mask.sum()))
@@ -292,7 +290,7 @@ def frequency_usage_from_store(model: LoadedModel, store: ActivationStore, max_r
     slot = {L: i for i, L in enumerate(layers)}
     names = [h for L in layers for h in per_layer[L].values()]
     d_head = model.facts.d_head
-    sums = _Sums()
+    sums = _Sums(len(layers))
     total = len(store) if max_rows is None else min(len(store), max_rows)
     bar = tqdm(total=total, desc="rope from store", unit="row", disable=not progress, dynamic_ncols=True)
     for batch in store.rows(names, batch_size=batch_size, shuffle=False, dtype=torch.float32):
@@ -300,7 +298,7 @@ def frequency_usage_from_store(model: LoadedModel, store: ActivationStore, max_r
         for L in layers:
             for tensor, name in per_layer[L].items():
                 x = batch.acts[name][:take].reshape(take, -1, d_head)
-                sums.add(tensor, slot[L], len(layers), x, "half")
+                sums.add(tensor, slot[L], x)
         sums.rows += take
         bar.update(take)
         if sums.rows >= total:
@@ -365,7 +363,7 @@ def p_rope(model: LoadedModel, p: float, where: Where = "all", drop: Drop = "low
 @torch.inference_mode()
 def next_token_loss(model: LoadedModel, windows: Sequence[Window], batch_size: int = 2) -> tuple[float, int]:
     """Mean next-token cross-entropy (nats) over the windows and the number of predicted tokens."""
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(model.tokenizer)
     total, n = 0.0, 0
     for toks, mask in padded_batches(windows, batch_size, pad_id):
         toks, mask = toks.to(model.device), mask.to(model.device)

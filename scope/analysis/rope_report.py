@@ -45,7 +45,7 @@ class RopeReport:
                         "q_band_shares": band_shares(q).tolist(), "qk_band_shares": band_shares(q * k).tolist()})
         return out
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, profiles: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Per layer type, the mean share of q/k/v norm in each quarter of the frequencies."""
         u = self.usage
         out: dict[str, Any] = {}
@@ -53,15 +53,16 @@ class RopeReport:
             rows = [i for i, t in enumerate(u.layer_types) if t == kind]
             out[kind] = {t: u.band_shares(t)[rows].mean((0, 1)).tolist() for t in ("q", "k", "v")}
         by_type: dict[str, list[list[float]]] = {}
-        for h in self.head_profiles():
+        for h in self.head_profiles() if profiles is None else profiles:
             by_type.setdefault(h["type"], []).append(h["qk_band_shares"])
         out["heads_qk_band_shares"] = {t: torch.tensor(v).mean(0).tolist() for t, v in by_type.items()}
         out["bands"] = "quarters of the frequency chunks, highest frequency first"
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"summary": self.summary(), "frequency_usage": self.usage.to_dict(), "head_scores": self.heads.to_dict(),
-                "head_profiles": self.head_profiles(), "base_ce": self.base_ce, "eval_tokens": self.eval_tokens,
+        profiles = self.head_profiles()
+        return {"summary": self.summary(profiles), "frequency_usage": self.usage.to_dict(),
+                "head_scores": self.heads.to_dict(), "head_profiles": profiles, "base_ce": self.base_ce, "eval_tokens": self.eval_tokens,
                 "p_rope": [vars(r) for r in self.p_rope]}
 
 

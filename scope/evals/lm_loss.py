@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from scope.data import Window
+from scope.data import Window, pad_token_id
 from scope.dictionaries.base import Dictionary
 from scope.errors import ScopeError
 from scope.hooks import check_hooks
@@ -115,7 +115,7 @@ def lm_loss_on_windows(
     if not windows:
         raise ScopeError("no context windows to evaluate the language-model loss on")
     sae.to(model.device)
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(model.tokenizer)
     splice = [(hook, _replacement(sae, "spliced", splice_bos))]
     zero = [(hook, _replacement(sae, "zero", splice_bos))]
     n = clean = spliced = zeroed = kl = 0.0

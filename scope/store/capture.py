@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import scope
-from scope.data import TextSource, Window, iter_windows
+from scope.data import TextSource, Window, iter_windows, pad_token_id
 from scope.errors import ScopeError
 from scope.hooks import capture, check_hooks, is_pairwise
 from scope.models import LoadedModel
@@ -170,7 +170,7 @@ def capture_store(
     docs = source.documents(seed)
     labels = {d.doc_id: d.label for d in docs}
     drop = _excluded_ids(model.tokenizer, excluded)
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(model.tokenizer)
     already = sum(info.rows for info in (read_sidecar(fs, i) for i in range(len(fs.listdir("shards")))) if info)
     bar = tqdm(total=max(0, tokens - already) // world, desc=f"capture rank {rank}" if world > 1 else "capture",
                unit="tok", disable=not progress, position=rank, dynamic_ncols=True)
