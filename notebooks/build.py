@@ -177,6 +177,58 @@ NOTEBOOKS = {
                       "found = direction_classes(gemma_class_space(model), mlp_value_vectors(model, 17)[:5], k=5)\n"
                       "[found.named(i, lambda ids: [model.tokenizer.decode([t]) for t in ids])['top'] for i in range(5)]"),
     ],
+    "08_gemma_scope_saes.ipynb": [
+        new_markdown_cell("# Load Gemma Scope SAEs\n\nGemma Scope (Lieberum et al. 2024) ships its JumpReLU SAEs for "
+                          "Gemma 2 as one `params.npz` per SAE (`W_enc [d, M]`, `W_dec [M, d]`, `b_enc`, `b_dec`, "
+                          "`threshold`); Gemma Scope 2 ships Gemma 3 SAEs as `params.safetensors` folders. scope "
+                          "reads both into its own JumpReLU dictionary, so every scope method — evaluation with the "
+                          "SAE spliced in, dashboards, steering — works on them.\n\nOffline, this notebook writes a "
+                          "`params.npz` in exactly Gemma Scope's layout from an SAE trained here on the bundled "
+                          "Gemma 3 270M and loads it as you would a downloaded one. With network access "
+                          "(`SCOPE_ONLINE=1`) it also loads the real Gemma Scope 2 release for Gemma 3 270M. "
+                          "See `docs/methods/interop.md`."),
+        new_code_cell(SIZES + "\nONLINE = os.environ.get('SCOPE_ONLINE') == '1'  # the hub cells need network access"),
+        new_code_cell("from scope.data import open_source\nfrom scope.models import load_model\n"
+                      "from scope.store import ActivationStore, capture_store\nfrom scope.training import load_config, train\n\n"
+                      "model = load_model('gemma-3-270m')\nstore_dir = f'{OUT}/bbc-l6'\n"
+                      "capture_store(model, open_source('bbc'), ['blocks.6.hook_resid_post'], store_dir,\n"
+                      "              tokens=4_000 if SMALL else 200_000)\n"
+                      "cfg = load_config(data={'store': store_dir, 'trainer': {\n"
+                      "    'total_tokens': 20_480 if SMALL else 1_000_000, 'batch_size': 512 if SMALL else 2048, 'lr': 1e-3,\n"
+                      "    'lr_warmup_steps': 5, 'sparsity_warmup_steps': 10 if SMALL else 100, 'log_every': 10},\n"
+                      "    'dictionaries': [{'name': 'jumprelu', 'kind': 'jumprelu', 'd_sae': 512 if SMALL else 4096,\n"
+                      "                      'sparsity_coeff': 5e-4}]})\nsaved = train(cfg, f'{OUT}/run')"),
+        new_markdown_cell("## A `params.npz` on disk\n\nThe file a Gemma Scope download gives you, here written from "
+                          "the SAE just trained (the input scale is already folded into the saved weights)."),
+        new_code_cell("import numpy as np\nfrom scope.dictionaries import load\n\n"
+                      "weights = load(saved['jumprelu']).saved_tensors()\n"
+                      "np.savez(f'{OUT}/params.npz', **{k: weights[k].numpy() for k in ('W_enc', 'W_dec', 'b_enc', 'b_dec', 'threshold')})\n"
+                      "{k: v.shape for k, v in np.load(f'{OUT}/params.npz').items()}"),
+        new_code_cell("from scope.dictionaries.interop import load_gemma_scope\n\n"
+                      "sae = load_gemma_scope(f'{OUT}/params.npz', hook='blocks.6.hook_resid_post', model='gemma-3-270m')\n"
+                      "sae.cfg"),
+        new_code_cell("import torch\n\n# The Gemma Scope maths by hand: f = z * (z > threshold), z = x W_enc + b_enc\n"
+                      "p = np.load(f'{OUT}/params.npz')\n"
+                      "x = next(ActivationStore(store_dir).batches('blocks.6.hook_resid_post', batch_size=64))\n"
+                      "z = x.numpy() @ p['W_enc'] + p['b_enc']\nf = z * (z > p['threshold'])\n"
+                      "gap = float(np.abs(sae.encode(x).detach().numpy() - f).max())\n"
+                      "assert gap < 1e-3, gap  # scope's encode is Gemma Scope's JumpReLU\n"
+                      "print('max difference to scope encode:', gap)\n"
+                      "print('L0 on this batch:', float((f > 0).sum(1).mean()))"),
+        new_code_cell("from scope.evals import evaluate\n\n"
+                      "held_out = ActivationStore(store_dir).split(0.1)[1]\n"
+                      "m = evaluate(sae, held_out, model=model, lm_tokens=128 if SMALL else 4096, name='gemma-scope-layout')\n"
+                      "{k: m[k] for k in ('l0', 'fvu', 'dead_fraction')} | {k: m['lm'][k] for k in ('clean_ce', 'spliced_ce', 'delta_loss')}"),
+        new_markdown_cell("## The real release (needs network access)\n\nGemma Scope 2 covers Gemma 3 270M; the same "
+                          "call takes a Gemma Scope 1 repo such as `google/gemma-scope-2b-pt-res` with "
+                          "`layer_20/width_16k/average_l0_71` for Gemma 2 2B (`load_model('google/gemma-2-2b')`)."),
+        new_code_cell("if ONLINE:\n    from scope.hooks import capture\n\n"
+                      "    real = load_gemma_scope('google/gemma-scope-2-270m-pt', 'resid_post/layer_12_width_16k_l0_medium')\n"
+                      "    ids = model.tokenizer('The Eiffel Tower is in Paris.', return_tensors='pt').input_ids\n"
+                      "    acts = capture(model, ids, [real.cfg.hook])[real.cfg.hook][0, 1:]\n"
+                      "    print(real.cfg.hook, real.cfg.d_sae, 'latents; L0 per token', (real.encode(acts) > 0).sum(-1).tolist())\n"
+                      "else:\n    print('offline: set SCOPE_ONLINE=1 to load google/gemma-scope-2-270m-pt from the hub')"),
+    ],
 }
 
 

@@ -130,6 +130,24 @@ def store_verify(path: str, as_json: JsonOpt = False) -> None:
           f"all {len(store.manifest.shards)} shard(s) of {path} match their checksums")
 
 
+@store_app.command("import-saelens")
+@friendly
+def store_import_saelens(
+    cache: Annotated[str, typer.Argument(help="A SAELens activation cache (the folder CacheActivationsRunner writes).")],
+    out: Annotated[str, typer.Option(help="New store folder or fsspec URL.")],
+    model: Annotated[Optional[str], typer.Option(help="Model the activations came from (default: the cache's config).")] = None,
+    hook: Annotated[Optional[str], typer.Option(help="Hook column, when the cache holds several.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Convert a SAELens activation cache into a scope store (one document per sequence)."""
+    from scope.store import ActivationStore
+    from scope.store.saelens_cache import import_saelens_cache
+
+    import_saelens_cache(cache, out, model=model, hook=hook, progress=not as_json)
+    info = ActivationStore(out, verify=False).info()
+    _emit(info, as_json, _describe(info))
+
+
 @app.command()
 @friendly
 def train(

@@ -10,12 +10,14 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from scope.data import Window, doc_bucket, open_source, take_windows
 from scope.errors import ScopeError
 from scope.models import LoadedModel, load_model
 from scope.store.reader import ActivationStore
+from scope.store.saelens_cache import SOURCE_PREFIX
 
 
 def load_store_model(store: ActivationStore, device: str | torch.device | None = None) -> LoadedModel:
@@ -40,6 +42,8 @@ def store_windows(store: ActivationStore, tokenizer: Any, max_tokens: int | None
     if not wanted:
         raise ScopeError(f"store {store.url!r} has no documents in this view (an empty held-out split?); "
                          "raise the held-out fraction or capture more tokens")
+    if cfg.source.spec.startswith(SOURCE_PREFIX):  # imported: no text to re-tokenise, but every token is stored
+        return _windows_from_rows(store, wanted, max_tokens)
     source = open_source(cfg.source.spec, text_column=cfg.source.text_column, label_column=cfg.source.label_column)
     if source.fingerprint != cfg.source.fingerprint:
         raise ScopeError(f"text source {cfg.source.spec!r} has changed since store {store.url!r} was captured "
@@ -47,6 +51,27 @@ def store_windows(store: ActivationStore, tokenizer: Any, max_tokens: int | None
                          "be matched to the store's")
     docs = [d for d in source.documents(cfg.seed) if d.doc_id in wanted]
     return take_windows(tokenizer, docs, cfg.context, max_tokens)
+
+
+def _windows_from_rows(store: ActivationStore, wanted: set[int], max_tokens: int | None) -> list[Window]:
+    """One window per document from the store's own token ids (stores that kept every position)."""
+    out: list[Window] = []
+    total = 0
+    for i, info in enumerate(store.manifest.shards):
+        shard = store.shard(i)
+        doc, tok, pos = (shard.read(c, 0, info.rows).numpy() for c in ("doc_id", "token_id", "position"))
+        starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
+        for a, z in zip(starts, np.r_[starts[1:], len(doc)]):
+            if int(doc[a]) not in wanted:
+                continue
+            tokens = tuple(int(t) for t in tok[a:z][np.argsort(pos[a:z], kind="stable")])
+            room = len(tokens) if max_tokens is None else min(len(tokens), max_tokens - total)
+            if room >= 2:
+                out.append(Window(int(doc[a]), 0, tokens[:room]))
+                total += room
+            if max_tokens is not None and total >= max_tokens - 1:
+                return out
+    return out
 
 
 def padded_batches(windows: Sequence[Window], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
