@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -24,7 +25,11 @@ ModelOpt = Annotated[str, typer.Option(help="gemma-3-270m (bundled), a Hugging F
 
 
 def friendly(fn):
-    """Print a ScopeError as one clear line (no traceback) and exit with status 2."""
+    """Print a ScopeError as one clear line (no traceback) and exit with status 2.
+
+    Ctrl-C and a full disk are what a newcomer meets most often mid-run; both say what to do next,
+    since every long command (capture, training) resumes when re-run with the same arguments.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -32,6 +37,15 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except ScopeError as err:
             typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: nothing written so far is lost; re-run the same command to resume", err=True)
+            raise typer.Exit(130) from None
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            typer.echo(f"error: no space left on the device while writing {err.filename or 'output'}; free some "
+                       "space (or choose another --out) and re-run the same command to resume", err=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -110,3 +110,18 @@ def test_import_gemma_scope_export_saelens_and_back(tmp_path):
     torch.testing.assert_close(load(tmp_path / "back")(x), want, rtol=1e-5, atol=1e-5)
     bad = run("import", "saelens", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"))
     assert bad.exit_code == 2 and "nothing" in bad.output
+
+
+@pytest.mark.parametrize("raised,message,code", [
+    (KeyboardInterrupt(), "interrupted: nothing written so far is lost; re-run the same command to resume", 130),
+    (OSError(28, "No space left on device", "/full/disk/shard"), "no space left on the device while writing /full/disk/shard", 2),
+])
+def test_interrupt_and_full_disk_say_what_to_do(tmp_path, monkeypatch, raised, message, code):
+    import scope.data
+
+    def boom(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(scope.data, "open_source", boom)
+    result = run("cache", "--out", str(tmp_path / "s"), "--tokens", "10")
+    assert result.exit_code == code and message in result.output and "Traceback" not in result.output
