@@ -87,6 +87,7 @@ def test_topk_and_batchtopk_select_k_per_row_or_per_batch():
 @pytest.mark.parametrize("cfg", [
     {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 2.0},
     {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 2.0, "apply_b_dec_to_input": True},
+    {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 2.0, "sparsity_loss": "tanh"},
     {"kind": "topk", "k": 8}, {"kind": "topk", "k": 8, "selection": "batch"},
     {"kind": "topk", "k": 8, "selection": "statistical"}, {"kind": "topk", "k": 8, "dead_after_tokens": 0}])
 def test_sparse_kernels_give_the_plain_path_loss_and_gradients(cfg):
@@ -114,6 +115,24 @@ def test_sparse_kernels_give_the_plain_path_loss_and_gradients(cfg):
         assert plain.aux is not None and fast.aux is not None
     for k in g_plain:
         torch.testing.assert_close(g_fast[k], g_plain[k], rtol=1e-5, atol=1e-6 * g_plain[k].abs().max())
+
+
+def test_tanh_sparsity_is_anthropics_smooth_l0_and_quantile_init_hits_the_target_l0():
+    torch.manual_seed(0)
+    d = build({"kind": "jumprelu", "d_in": 16, "d_sae": 200, "sparsity_loss": "tanh", "tanh_scale": 3.0,
+               "apply_b_dec_to_input": True})
+    x = torch.randn(2000, 16)
+    d.init_thresholds(x, l0=20)
+    f = d.encode(x)
+    assert abs(float((f > 0).sum(-1).float().mean()) - 20) < 0.5, "every latent fires on ~10% of the sample"
+    assert ((f > 0).float().mean(0) - 0.1).abs().max() < 0.01
+    parts = d.loss(x[:64], 0.5, sparse=False)
+    f64 = d.encode(x[:64])
+    mse = (x[:64] - d.decode(f64)).pow(2).sum(-1).mean()
+    want = mse + 0.5 * torch.tanh(3.0 * f64 * d.W_dec.norm(dim=1)).sum(-1).mean()
+    torch.testing.assert_close(parts.loss, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="init L0"):
+        d.init_thresholds(x, l0=200)
 
 
 @pytest.mark.parametrize("kind,extra", [("jumprelu", {}), ("topk", {"k": 8}), ("relu", {})])

@@ -74,6 +74,9 @@ class JumpReLUConfig(DictionaryConfig):
     kind: Literal["jumprelu"] = "jumprelu"
     bandwidth: float = 0.001  # ε, in the normalised units where E‖x‖² = 1
     threshold_init: float = 0.001
+    # "step": Gemma Scope's λ‖f‖₀; "tanh": λ Σᵢ tanh(c·fᵢ‖W_dec,ᵢ‖), Anthropic's smooth stand-in for it.
+    sparsity_loss: Literal["step", "tanh"] = "step"
+    tanh_scale: float = 4.0  # c
 
 
 class JumpReLU(Dictionary):
@@ -98,6 +101,27 @@ class JumpReLU(Dictionary):
     def project(self) -> None:
         super().project()
         self.threshold.clamp_(min=1e-6)
+
+    @torch.no_grad()
+    def init_thresholds(self, x: torch.Tensor, l0: float) -> None:
+        """Set each θᵢ to the (1 − l0/d_sae) quantile of its pre-activations on ``x``: L0 ≈ ``l0`` from step 0.
+
+        With θ = 0.001 and W_enc = W_decᵀ about half the latents fire at first; starting at the target
+        sparsity instead spares a short run its dense first phase (cf. the initialisation of b_enc
+        for a fixed firing rate in Conerly et al., Anthropic circuits update, January 2025).
+        """
+        if not 0 < l0 < self.cfg.d_sae:
+            raise ValueError(f"init L0 must be in (0, d_sae={self.cfg.d_sae}), got {l0}")
+        pre = self.pre_acts(x.to(self.W_enc.device)).float()
+        k = min(pre.shape[0], max(1, round(pre.shape[0] * (1 - l0 / self.cfg.d_sae))))
+        self.threshold.copy_(pre.kthvalue(k, dim=0).values.clamp_min(self.cfg.bandwidth))
+
+    def _sparsity(self, f: torch.Tensor, z: torch.Tensor, theta: torch.Tensor, dec_norm: torch.Tensor,
+                  rows: int) -> torch.Tensor:
+        """The sparsity term per row: Σᵢ H(zᵢ − θᵢ) (step) or Σᵢ tanh(c·fᵢ‖W_dec,ᵢ‖) (tanh)."""
+        if self.cfg.sparsity_loss == "tanh":
+            return torch.tanh(self.cfg.tanh_scale * f * dec_norm).sum() / rows
+        return StepFn.apply(z, theta, self.cfg.bandwidth).sum() / rows
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold.to(pre.dtype))
@@ -124,9 +148,10 @@ class JumpReLU(Dictionary):
         f = JumpReLUFn.apply(z, th, eps)
         err = xs - (SparseDecode.apply(f, self.W_dec, rows, cols, x.shape[0]) + self.b_dec)
         mse = err.pow(2).sum(-1).mean()
-        l0 = StepFn.apply(z, th, eps).sum() / x.shape[0]
-        counts = torch.bincount(cols[z.detach() > th], minlength=self.cfg.d_sae)
-        return LossParts(loss=mse + sparsity_coeff * l0, mse=mse, l0=l0.detach(), counts=counts)
+        sparsity = self._sparsity(f, z, th, self.W_dec.norm(dim=1)[cols], x.shape[0])
+        active = z.detach() > th
+        counts = torch.bincount(cols[active], minlength=self.cfg.d_sae)
+        return LossParts(loss=mse + sparsity_coeff * sparsity, mse=mse, l0=active.sum() / x.shape[0], counts=counts)
 
     def _dense_loss(self, x: torch.Tensor, sparsity_coeff: float) -> LossParts:
         pre = self.pre_acts(x)
@@ -134,6 +159,6 @@ class JumpReLU(Dictionary):
         f = JumpReLUFn.apply(pre, theta.to(pre.dtype), self.cfg.bandwidth)
         err = x.to(pre.dtype) * self.input_scale - (f @ self.W_dec + self.b_dec)
         mse = err.pow(2).sum(-1).mean()
-        l0 = StepFn.apply(pre, theta.to(pre.dtype), self.cfg.bandwidth).sum(-1).mean()
-        return LossParts(loss=mse + sparsity_coeff * l0, mse=mse, l0=l0.detach(), counts=(f != 0).sum(0),
-                         codes=f.detach())
+        sparsity = self._sparsity(f, pre, theta.to(pre.dtype), self.W_dec.norm(dim=1), x.shape[0])
+        return LossParts(loss=mse + sparsity_coeff * sparsity, mse=mse, l0=(f != 0).sum(-1).float().mean(),
+                         counts=(f != 0).sum(0), codes=f.detach())

@@ -33,6 +33,9 @@ class DictSpec(_Strict):
     selection: Literal["exact", "batch", "statistical"] = "exact"
     bandwidth: float = Field(0.001, gt=0)
     threshold_init: float = Field(0.001, gt=0)
+    init_l0: float | None = Field(None, gt=0, description="jumprelu: set θ from pre-activation quantiles so L0 starts here")
+    sparsity_loss: Literal["step", "tanh"] = Field("step", description="jumprelu: λ‖f‖₀ (Gemma Scope) or λΣtanh(c·f) (Anthropic)")
+    tanh_scale: float = Field(4.0, gt=0, description="jumprelu: c of the tanh sparsity loss")
     aux_k: int | None = None
     aux_coeff: float = 1 / 32
     dead_after_tokens: int = 1_000_000
@@ -113,6 +116,9 @@ class TrainConfig(_Strict):
                 raise ScopeError(f"dictionary {d.label()!r} is topk but sets no `k`")
             if d.kind in ("jumprelu", "relu") and d.sparsity_coeff == 0:
                 raise ScopeError(f"dictionary {d.label()!r} ({d.kind}) needs a positive `sparsity_coeff` (λ)")
+            if d.init_l0 is not None and (d.kind != "jumprelu" or d.init_l0 >= d.d_sae):
+                raise ScopeError(f"dictionary {d.label()!r}: init_l0 {d.init_l0:g} needs kind jumprelu and a value "
+                                 f"below d_sae ({d.d_sae})")
         return self
 
 

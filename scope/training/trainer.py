@@ -86,15 +86,18 @@ class InputStats:
     scale: float  # c = 1/sqrt(E‖x‖²)
     median_norm: float
     mean: torch.Tensor  # E[x], raw units
+    sample: torch.Tensor  # the first rows seen (up to 8,192), for data-dependent initialisations
 
 
 def input_stats(store: ActivationStore, hook: str, rows: int, seed: int,
                 transform: Whitening | None = None) -> InputStats:
     """Scale, median norm and mean of up to ``rows`` training rows (after ``transform``, if given)."""
-    total, n, norms, mean = 0.0, 0, [], None
+    total, n, norms, mean, sample = 0.0, 0, [], None, None
     for x in store.batches(hook, batch_size=min(rows, 8192), seed=seed + 1, buffer_rows=max(rows, 8192),
                            dtype=torch.float32):
-        x = (x if transform is None else transform(x)[0]).double()
+        x = (x if transform is None else transform(x)[0])
+        sample = x if sample is None else sample
+        x = x.double()
         sq = x.pow(2).sum(-1)
         total += float(sq.sum())
         mean = x.sum(0) if mean is None else mean + x.sum(0)
@@ -104,7 +107,7 @@ def input_stats(store: ActivationStore, hook: str, rows: int, seed: int,
             break
     if n == 0:
         raise ScopeError(f"store {store.url!r} has no training rows for {hook}")
-    return InputStats(1.0 / math.sqrt(total / n), float(torch.cat(norms).median()), (mean / n).float())
+    return InputStats(1.0 / math.sqrt(total / n), float(torch.cat(norms).median()), (mean / n).float(), sample)
 
 
 def _spec_to_dict_cfg(spec: DictSpec, d_in: int, hook: str, store: ActivationStore) -> dict:
@@ -113,7 +116,8 @@ def _spec_to_dict_cfg(spec: DictSpec, d_in: int, hook: str, store: ActivationSto
     if spec.apply_b_dec_to_input is not None:
         cfg["apply_b_dec_to_input"] = spec.apply_b_dec_to_input
     if spec.kind == "jumprelu":
-        cfg.update(bandwidth=spec.bandwidth, threshold_init=spec.threshold_init)
+        cfg.update(bandwidth=spec.bandwidth, threshold_init=spec.threshold_init, sparsity_loss=spec.sparsity_loss,
+                   tanh_scale=spec.tanh_scale)
     if spec.kind == "topk":
         cfg.update(k=spec.k, selection=spec.selection, aux_k=spec.aux_k, aux_coeff=spec.aux_coeff,
                    dead_after_tokens=spec.dead_after_tokens)
@@ -224,6 +228,8 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
             with torch.no_grad():
                 sae.b_dec.copy_(own.mean * own.scale)
         sae.to(device)
+        if spec.init_l0 is not None:
+            sae.init_thresholds(own.sample, spec.init_l0)
         opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=spec.lr or t.lr,
                                betas=t.adam_betas)
         runs.append(Trained(spec, sae, opt, torch.zeros(DEAD_BLOCKS, spec.d_sae, dtype=torch.long, device=device),
