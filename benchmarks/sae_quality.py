@@ -17,7 +17,7 @@ from pathlib import Path
 from sweep import sweep_parser, train_sweep
 
 from scope.dictionaries import load
-from scope.evals import evaluate, load_store_model
+from scope.evals import evaluate_many, load_store_model
 
 
 def table(results: list[dict], store: str, tokens: int) -> str:
@@ -41,8 +41,8 @@ def main() -> None:
 
     cfg, saved, test = train_sweep(args)
     model = load_store_model(test)
-    results = [evaluate(load(path), test, model=model, lm_tokens=args.lm_tokens, name=name)
-               for name, path in saved.items()]
+    results = evaluate_many({name: load(path) for name, path in saved.items()}, test, model=model,
+                            lm_tokens=args.lm_tokens)
     (Path(args.out) / "quality.json").write_text(json.dumps(results, indent=2))
     md = table(results, cfg.store, cfg.trainer.total_tokens)
     if args.markdown:

@@ -299,7 +299,7 @@ def eval_(
 ) -> None:
     """L0, FVU, cosine, dead/dense latents and spliced-in LM loss of SAEs on a store's held-out documents."""
     from scope.dictionaries.interop import load_any
-    from scope.evals import evaluate, load_store_model, write_frontier
+    from scope.evals import evaluate_many, load_store_model, write_frontier
     from scope.models import default_device
     from scope.store import ActivationStore
 
@@ -310,16 +310,18 @@ def eval_(
         raise ScopeError(f"the held-out split of {store} ({held_out:.0%} of its {len(ActivationStore(store).documents)} "
                          "documents) is empty; raise --held-out or capture more tokens")
     dev = default_device(device)
-    saes = [(Path(p).name, load_any(p, device=dev)) for p in sae]
+    saes: dict[str, object] = {}
+    for p in sae:  # named by folder; the same name twice gets the path instead
+        saes[Path(p).name if Path(p).name not in saes else p] = load_any(p, device=dev)
     tokens = 0 if no_lm else lm_tokens
     model = load_store_model(test, device=dev) if tokens else None  # one model for the whole sweep
-    results = [evaluate(d, test, model=model, lm_tokens=tokens, name=name, max_rows=max_rows, device=dev,
-                        progress=not as_json) for name, d in saes]
+    results = evaluate_many(saes, test, model=model, lm_tokens=tokens, max_rows=max_rows, device=dev,
+                            progress=not as_json)
     if labels:
         from scope.evals.selectivity import selectivity_metrics
 
         labelled = test.where(labels)
-        for r, (_, d) in zip(results, saes):
+        for r, d in zip(results, saes.values()):
             r["selectivity"] = selectivity_metrics(d, labelled, max_rows=max_rows or 200_000).to_dict()
     if html:
         write_frontier(results, html)

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from scope.cli import app
 from scope.dictionaries import build
 from scope.errors import ScopeError
-from scope.evals import (evaluate, frontier_figure, lm_loss_on_windows, reconstruction_metrics, spliced_lm_loss,
-                         store_windows, write_frontier)
+from scope.evals import (evaluate, frontier_figure, lm_loss_on_windows, lm_losses_on_windows, reconstruction_metrics,
+                         spliced_lm_loss, store_windows, write_frontier)
 from scope.evals.lm_loss import _replacement
 from scope.store import ActivationStore
 from scope.store.fs import StoreFS
@@ -225,6 +225,21 @@ def test_a_bad_dictionary_loses_loss(gemma, held_out):
     m = lm_loss_on_windows(sae, gemma, windows, HOOK, progress=False)
     assert m.windows == 1 and m.tokens == 63
     assert m.delta_loss > 0.05 and m.kl > 0.01 and m.ce_loss_recovered < 1 and m.zero_ce > m.spliced_ce
+
+
+@pytest.mark.real_model
+def test_a_sweep_shares_the_clean_and_zero_runs_and_gives_each_sae_its_own_numbers(gemma, held_out):
+    windows = store_windows(held_out, gemma.tokenizer, max_tokens=64)
+    good, bad = identity_sae(640, "relu", HOOK), identity_sae(640, "relu", HOOK)
+    with torch.no_grad():
+        bad.W_dec.mul_(0.5)
+    both = lm_losses_on_windows({"good": good, "bad": bad}, gemma, windows, HOOK, progress=False)
+    alone = lm_loss_on_windows(bad, gemma, windows, HOOK, progress=False)
+    assert list(both) == ["good", "bad"]
+    numbers = lambda m: {k: v for k, v in m.to_dict().items() if isinstance(v, float)}
+    assert numbers(both["bad"]) == pytest.approx(numbers(alone), rel=1e-6)
+    assert abs(both["good"].delta_loss) < 1e-4 and both["bad"].delta_loss > 0.05
+    assert both["good"].clean_ce == both["bad"].clean_ce and both["good"].zero_ce == both["bad"].zero_ce
 
 
 def test_frontier_has_one_trace_per_kind_on_a_log_axis(tmp_path):
