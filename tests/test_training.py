@@ -87,7 +87,7 @@ def test_topk_and_batchtopk_select_k_per_row_or_per_batch():
 @pytest.mark.parametrize("cfg", [
     {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 2.0},
     {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 2.0, "apply_b_dec_to_input": True},
-    {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 2.0, "sparsity_loss": "tanh"},
+    {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 2.0, "sparsity_loss": "tanh", "pre_act_coeff": 0.01},
     {"kind": "topk", "k": 8}, {"kind": "topk", "k": 8, "selection": "batch"},
     {"kind": "topk", "k": 8, "selection": "statistical"}, {"kind": "topk", "k": 8, "dead_after_tokens": 0}])
 def test_sparse_kernels_give_the_plain_path_loss_and_gradients(cfg):
@@ -103,7 +103,8 @@ def test_sparse_kernels_give_the_plain_path_loss_and_gradients(cfg):
         d.zero_grad()
         if cfg["kind"] == "topk":
             d.tokens_since_fired.fill_(1)  # with dead_after_tokens=0 every latent not firing now is dead: AuxK runs
-        parts = d.loss(x, 0.3, sparse=sparse)
+        dead = torch.arange(256) % 3 == 0 if cfg.get("pre_act_coeff") else None
+        parts = d.loss(x, 0.3, sparse=sparse, **({"dead": dead} if dead is not None else {}))
         parts.loss.backward()
         results.append((parts, {k: p.grad.clone() for k, p in d.named_parameters()}))
     (plain, g_plain), (fast, g_fast) = results
@@ -133,6 +134,26 @@ def test_tanh_sparsity_is_anthropics_smooth_l0_and_quantile_init_hits_the_target
     torch.testing.assert_close(parts.loss, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="init L0"):
         d.init_thresholds(x, l0=200)
+
+
+def test_pre_activation_loss_pulls_only_dead_latents_towards_firing():
+    torch.manual_seed(0)
+    d = build({"kind": "jumprelu", "d_in": 16, "d_sae": 64, "pre_act_coeff": 1.0, "threshold_init": 0.5})
+    with torch.no_grad():
+        d.threshold[:8] = 100.0  # these never fire
+    x = torch.randn(256, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:8] = True
+    base = d.loss(x, 0.0, sparse=False).loss
+    with_pre = d.loss(x, 0.0, sparse=False, dead=dead)
+    gap = torch.relu(100.0 - d.pre_acts(x)[:, :8]).sum(-1).mean()  # decoder rows are unit norm
+    torch.testing.assert_close(with_pre.loss - base, gap, rtol=1e-5, atol=1e-4)
+    d.zero_grad()
+    with_pre.loss.backward()
+    assert (d.threshold.grad[:8] > 0).all(), "the loss falls as the dead latents' thresholds come down"
+    d.zero_grad()
+    base.backward()
+    assert (d.threshold.grad[:8] == 0).all() and (d.W_enc.grad[:, :8] == 0).all()
 
 
 @pytest.mark.parametrize("kind,extra", [("jumprelu", {}), ("topk", {"k": 8}), ("relu", {})])

@@ -77,6 +77,7 @@ class JumpReLUConfig(DictionaryConfig):
     # "step": Gemma Scope's λ‖f‖₀; "tanh": λ Σᵢ tanh(c·fᵢ‖W_dec,ᵢ‖), Anthropic's smooth stand-in for it.
     sparsity_loss: Literal["step", "tanh"] = "step"
     tanh_scale: float = 4.0  # c
+    pre_act_coeff: float = 0.0  # λ_P of the pre-activation loss on dead latents (0: off, as in Gemma Scope)
 
 
 class JumpReLU(Dictionary):
@@ -123,13 +124,29 @@ class JumpReLU(Dictionary):
             return torch.tanh(self.cfg.tanh_scale * f * dec_norm).sum() / rows
         return StepFn.apply(z, theta, self.cfg.bandwidth).sum() / rows
 
+    def _pre_act(self, xin: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor | float:
+        """λ_P · Σ over dead latents of ReLU(θᵢ − zᵢ)‖W_dec,ᵢ‖, per row: pulls latents that stopped firing back
+        towards their thresholds (Conerly et al., Anthropic circuits update, January 2025). Only the
+        encoder and θ of those latents move; the input is detached so b_dec is left alone."""
+        if dead is None or self.cfg.pre_act_coeff == 0 or not bool(dead.any()):
+            return 0.0
+        idx = dead.nonzero().squeeze(1)
+        z = xin.detach() @ self.W_enc[:, idx] + self.b_enc[idx]
+        gap = torch.relu(self.threshold[idx].to(z.dtype) - z) * self.W_dec[idx].norm(dim=1)
+        return self.cfg.pre_act_coeff * gap.sum(-1).mean()
+
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold.to(pre.dtype))
 
-    def loss(self, x: torch.Tensor, sparsity_coeff: float, sparse: bool = True) -> LossParts:
-        """‖x − x̂‖² + λ‖f‖₀ in normalised units, averaged over the batch (sparse kernels by default)."""
+    def loss(self, x: torch.Tensor, sparsity_coeff: float, sparse: bool = True,
+             dead: torch.Tensor | None = None) -> LossParts:
+        """‖x − x̂‖² + λ‖f‖₀ in normalised units, averaged over the batch (sparse kernels by default).
+
+        ``dead`` ([d_sae] bool, from the trainer's firing record) switches on the pre-activation loss
+        for those latents when ``pre_act_coeff`` is set.
+        """
         if not sparse:
-            return self._dense_loss(x, sparsity_coeff)
+            return self._dense_loss(x, sparsity_coeff, dead)
         eps = self.cfg.bandwidth
         xs = x.to(self.W_enc.dtype) * self.input_scale
         xin = xs - self.b_dec if self.cfg.apply_b_dec_to_input else xs
@@ -142,7 +159,7 @@ class JumpReLU(Dictionary):
             dense = bool(keep.sum() > DENSE_ABOVE * keep.numel())
             rows, cols = pairs(keep) if not dense else (None, None)
         if dense:  # early in training: dense products are cheaper than the sparse kernels
-            return self._dense_loss(x, sparsity_coeff)
+            return self._dense_loss(x, sparsity_coeff, dead)
         z = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, rows, cols)
         th = theta[cols]
         f = JumpReLUFn.apply(z, th, eps)
@@ -151,14 +168,17 @@ class JumpReLU(Dictionary):
         sparsity = self._sparsity(f, z, th, self.W_dec.norm(dim=1)[cols], x.shape[0])
         active = z.detach() > th
         counts = torch.bincount(cols[active], minlength=self.cfg.d_sae)
-        return LossParts(loss=mse + sparsity_coeff * sparsity, mse=mse, l0=active.sum() / x.shape[0], counts=counts)
+        return LossParts(loss=mse + sparsity_coeff * sparsity + self._pre_act(xin, dead), mse=mse,
+                         l0=active.sum() / x.shape[0], counts=counts)
 
-    def _dense_loss(self, x: torch.Tensor, sparsity_coeff: float) -> LossParts:
-        pre = self.pre_acts(x)
+    def _dense_loss(self, x: torch.Tensor, sparsity_coeff: float, dead: torch.Tensor | None = None) -> LossParts:
+        xs = x.to(self.W_enc.dtype) * self.input_scale
+        xin = xs - self.b_dec if self.cfg.apply_b_dec_to_input else xs
+        pre = xin @ self.W_enc + self.b_enc
         theta = self.threshold.float()
         f = JumpReLUFn.apply(pre, theta.to(pre.dtype), self.cfg.bandwidth)
-        err = x.to(pre.dtype) * self.input_scale - (f @ self.W_dec + self.b_dec)
+        err = xs - (f @ self.W_dec + self.b_dec)
         mse = err.pow(2).sum(-1).mean()
         sparsity = self._sparsity(f, pre, theta.to(pre.dtype), self.W_dec.norm(dim=1), x.shape[0])
-        return LossParts(loss=mse + sparsity_coeff * sparsity, mse=mse, l0=(f != 0).sum(-1).float().mean(),
+        return LossParts(loss=mse + sparsity_coeff * sparsity + self._pre_act(xin, dead), mse=mse, l0=(f != 0).sum(-1).float().mean(),
                          counts=(f != 0).sum(0), codes=f.detach())

@@ -36,6 +36,7 @@ class DictSpec(_Strict):
     init_l0: float | None = Field(None, gt=0, description="jumprelu: set θ from pre-activation quantiles so L0 starts here")
     sparsity_loss: Literal["step", "tanh"] = Field("step", description="jumprelu: λ‖f‖₀ (Gemma Scope) or λΣtanh(c·f) (Anthropic)")
     tanh_scale: float = Field(4.0, gt=0, description="jumprelu: c of the tanh sparsity loss")
+    pre_act_coeff: float = Field(0.0, ge=0, description="jumprelu: λ_P of the pre-activation loss on dead latents")
     aux_k: int | None = None
     aux_coeff: float = 1 / 32
     dead_after_tokens: int = 1_000_000
@@ -46,6 +47,7 @@ class DictSpec(_Strict):
     redraw_cos: float = Field(0.9, gt=0, le=1, description="cosine similarity that makes two atoms duplicates (icfl)")
     whitening: WhiteningSpec | None = Field(None, description="PCA-whiten inputs against a control set first")
     lr: float | None = Field(None, gt=0, description="overrides trainer.lr for this dictionary")
+    adam_betas: tuple[float, float] | None = Field(None, description="overrides trainer.adam_betas for this dictionary")
     apply_b_dec_to_input: bool | None = Field(None, description="subtract b_dec before encoding (default: per kind)")
 
     def label(self) -> str:

@@ -57,6 +57,14 @@ class Trained:
         self.fire_counts[slot] += counts.to(self.fire_counts.dtype)
         self.fire_rows[slot] += rows
 
+    def dead_mask(self, frequency: float) -> torch.Tensor | None:
+        """Latents active on fewer than ``frequency`` of the window's rows; None until the window has seen
+        enough rows (1/frequency) to tell."""
+        seen = int(self.fire_rows.sum())
+        if frequency <= 0 or seen < 1 / frequency:
+            return None
+        return self.fire_counts.sum(0).double() / seen < frequency
+
     def dead_fraction(self, frequency: float) -> float:
         """Fraction of latents active on fewer than ``frequency`` of the rows in the window."""
         freq = self.fire_counts.sum(0).double() / max(int(self.fire_rows.sum()), 1)
@@ -117,7 +125,7 @@ def _spec_to_dict_cfg(spec: DictSpec, d_in: int, hook: str, store: ActivationSto
         cfg["apply_b_dec_to_input"] = spec.apply_b_dec_to_input
     if spec.kind == "jumprelu":
         cfg.update(bandwidth=spec.bandwidth, threshold_init=spec.threshold_init, sparsity_loss=spec.sparsity_loss,
-                   tanh_scale=spec.tanh_scale)
+                   tanh_scale=spec.tanh_scale, pre_act_coeff=spec.pre_act_coeff)
     if spec.kind == "topk":
         cfg.update(k=spec.k, selection=spec.selection, aux_k=spec.aux_k, aux_coeff=spec.aux_coeff,
                    dead_after_tokens=spec.dead_after_tokens)
@@ -231,7 +239,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
         if spec.init_l0 is not None:
             sae.init_thresholds(own.sample, spec.init_l0)
         opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=spec.lr or t.lr,
-                               betas=t.adam_betas)
+                               betas=spec.adam_betas or t.adam_betas)
         runs.append(Trained(spec, sae, opt, torch.zeros(DEAD_BLOCKS, spec.d_sae, dtype=torch.long, device=device),
                             torch.zeros(DEAD_BLOCKS, dtype=torch.long, device=device)))
     start = _resume(out, cfg, runs) if (out / CHECKPOINT).exists() else 0
@@ -262,8 +270,9 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
                 with torch.no_grad():
                     prepared[key] = run.sae.prepare(x)[0]
             xr = prepared[key]
+            extra = {"dead": run.dead_mask(t.dead_frequency)} if run.spec.pre_act_coeff else {}
             with autocast:
-                parts = run.sae.loss(xr, run.spec.sparsity_coeff * lam_mult, sparse=t.sparse_kernels)
+                parts = run.sae.loss(xr, run.spec.sparsity_coeff * lam_mult, sparse=t.sparse_kernels, **extra)
             parts.loss.backward()
             if world > 1:
                 _average_grads(run.sae, world)
