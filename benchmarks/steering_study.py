@@ -27,7 +27,7 @@ from scope.steering.interventions import resid_hook
 from scope.steering.pipeline import concept_data, make_vector, scorer_for
 from scope.steering.reps import SteerConfig
 
-# RePS (arXiv 2505.20809), Table 1: AxBench steering scores (harmonic mean, 0–2) of rank-1 steering
+# RePS (arXiv 2505.20809), its AxBench steering table: AxBench steering scores (harmonic mean, 0–2) of rank-1 steering
 # vectors on Gemma-2-2B at layer 10.
 PAPER = {"reps": 0.756, "lm": 0.663, "diffmean": 0.297}
 METHODS = ("reps", "lm", "diffmean")
@@ -42,11 +42,11 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=24)
     ap.add_argument("--n-eval", type=int, default=16)
     ap.add_argument("--response-tokens", type=int, default=24)
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=3)
     ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--alphas", default="0,0.125,0.25,0.5,0.75,1,1.5")
+    ap.add_argument("--alphas", default="0,0.25,0.5,1")
     ap.add_argument("--store-tokens", type=int, default=40_000)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--markdown", default=None)
@@ -101,46 +101,77 @@ def main() -> None:
     print(json.dumps(summary, indent=1) if args.json else table)
 
 
+def _hm2(a: float, b: float) -> float:
+    return 0.0 if a <= 0 or b <= 0 else 2 / (1 / a + 1 / b)
+
+
 def summarise(results, args) -> dict:
+    """Per (concept, method) rows, per-method means, and mean ratings per α (all prompts) per method."""
     rows = []
     for r in results:
+        # Secondary: α chosen on the selection half by the harmonic mean of the mean concept and
+        # fluency ratings alone (how far a method steers while staying fluent, relevance aside).
+        cf = int(np.argmax([_hm2(x.concept, x.fluency) for x in r.select]))
         rows.append({"concept": r.concept, "method": r.method, "best_alpha": r.best_alpha,
                      "steer": r.steer.__dict__, "unsteered": r.unsteered.__dict__,
+                     "concept_fluency_alpha": r.alphas[cf], "concept_fluency": r.report[cf].__dict__,
                      "suppress": r.suppress.__dict__ if r.suppress else None,
                      "unsuppressed": r.unsuppressed.__dict__ if r.unsuppressed else None})
-    means = {}
+    means, curves = {}, {}
     for m in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == m]
-        means[m] = {part: float(np.mean([r[part]["harmonic"] for r in mine if r[part]]))
-                    for part in ("steer", "unsteered", "suppress", "unsuppressed") if any(r[part] for r in mine)}
-        means[m]["steer_concept"] = float(np.mean([r["steer"]["concept"] for r in mine]))
-        means[m]["unsteered_concept"] = float(np.mean([r["unsteered"]["concept"] for r in mine]))
-        means[m]["steer_fluency"] = float(np.mean([r["steer"]["fluency"] for r in mine]))
-        means[m]["unsteered_fluency"] = float(np.mean([r["unsteered"]["fluency"] for r in mine]))
+
+        def avg(part: str, key: str) -> float | None:
+            vals = [r[part][key] for r in mine if r[part]]
+            return float(np.mean(vals)) if vals else None
+
+        means[m] = {f"{part}_{key}": avg(part, key) for part in ("steer", "unsteered", "concept_fluency", "suppress",
+                                                                  "unsuppressed")
+                    for key in ("harmonic", "concept", "relevance", "fluency")}
+        mine_r = [r for r in results if r.method == m]
+        curves[m] = {"alphas": mine_r[0].alphas, **{
+            key: [float(np.mean([(getattr(x.select[i], key) * x.select[i].n + getattr(x.report[i], key) * x.report[i].n)
+                                 / (x.select[i].n + x.report[i].n) for x in mine_r]))
+                  for i in range(len(mine_r[0].alphas))] for key in ("concept", "relevance", "fluency", "harmonic")}}
     return {"model": "gemma-3-270m", "layer": args.layer, "dtype": args.dtype, "rows": rows, "means": means,
-            "paper_gemma2_2b_l10": PAPER,
+            "curves": curves, "paper_gemma2_2b_l10": PAPER,
             "sizes": {"n_train": args.n_train, "n_eval": args.n_eval, "response_tokens": args.response_tokens,
                       "new_tokens": args.new_tokens, "epochs": args.epochs, "batch_size": args.batch_size,
                       "lr": args.lr, "alphas": args.alphas, "store_tokens": args.store_tokens}}
 
 
 def markdown(s: dict) -> str:
-    f = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
-    lines = ["| concept | method | α* | steer HM | concept | relevance | fluency | α=0 HM | α=0 concept | "
-             "suppress HM | no-intervention HM |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    f = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
+    lines = ["Steering (AxBench protocol: α* by the harmonic mean on half the prompts, reported on the other half) "
+             "and suppression (null-out on in-concept prompts; concept rating flipped):", "",
+             "| concept | method | α* | HM at α* | HM at α=0 | concept α*/0 | relevance α*/0 | fluency α*/0 "
+             "| α by concept·fluency | concept there | fluency there | suppress HM | no-intervention HM "
+             "| concept absent, suppressed/not |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in s["rows"]:
-        st, un, sp, us = r["steer"], r["unsteered"], r["suppress"], r["unsuppressed"]
-        lines.append(f"| {r['concept']} | {r['method']} | {r['best_alpha']:g} | {f(st['harmonic'])} | {f(st['concept'])} | "
-                     f"{f(st['relevance'])} | {f(st['fluency'])} | {f(un['harmonic'])} | {f(un['concept'])} | "
-                     f"{f(sp and sp['harmonic'])} | {f(us and us['harmonic'])} |")
-    lines += ["", "| method | steer HM (mean) | α=0 HM | concept at α* | concept at α=0 | fluency at α* | fluency at α=0 "
-              "| suppress HM | no-intervention HM | paper, Gemma-2-2B L10 |",
+        st, un, cf, sp, us = r["steer"], r["unsteered"], r["concept_fluency"], r["suppress"], r["unsuppressed"]
+        lines.append(
+            f"| {r['concept']} | {r['method']} | {r['best_alpha']:g} | {f(st['harmonic'])} | {f(un['harmonic'])} | "
+            f"{f(st['concept'])}/{f(un['concept'])} | {f(st['relevance'])}/{f(un['relevance'])} | "
+            f"{f(st['fluency'])}/{f(un['fluency'])} | {r['concept_fluency_alpha']:g} | {f(cf['concept'])} | "
+            f"{f(cf['fluency'])} | {f(sp and sp['harmonic'])} | {f(us and us['harmonic'])} | "
+            f"{f(sp and sp['concept'])}/{f(us and us['concept'])} |")
+    lines += ["", "Means over concepts, beside the paper's AxBench steering score on Gemma-2-2B, layer 10:", "",
+              "| method | steering HM (α*) | HM at α=0 | concept at the concept·fluency α | fluency there "
+              "| concept at α=0 | fluency at α=0 | suppress HM | no-intervention HM | paper, Gemma-2-2B L10 |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for m, v in s["means"].items():
-        lines.append(f"| {m} | {f(v.get('steer'))} | {f(v.get('unsteered'))} | {f(v['steer_concept'])} | "
-                     f"{f(v['unsteered_concept'])} | {f(v['steer_fluency'])} | {f(v['unsteered_fluency'])} | "
-                     f"{f(v.get('suppress'))} | {f(v.get('unsuppressed'))} | {f(s['paper_gemma2_2b_l10'].get(m))} |")
+        lines.append(f"| {m} | {f(v['steer_harmonic'])} | {f(v['unsteered_harmonic'])} | "
+                     f"{f(v['concept_fluency_concept'])} | {f(v['concept_fluency_fluency'])} | "
+                     f"{f(v['unsteered_concept'])} | {f(v['unsteered_fluency'])} | {f(v['suppress_harmonic'])} | "
+                     f"{f(v['unsuppressed_harmonic'])} | {f(s['paper_gemma2_2b_l10'].get(m))} |")
+    lines += ["", "Mean ratings per α over all prompts and concepts (concept / relevance / fluency / HM):", "",
+              "| method | " + " | ".join(f"α={a:g}" for a in next(iter(s["curves"].values()))["alphas"]) + " |",
+              "| --- |" + " ---: |" * len(next(iter(s["curves"].values()))["alphas"])]
+    for m, c in s["curves"].items():
+        cells = [f"{c['concept'][i]:.2f} / {c['relevance'][i]:.2f} / {c['fluency'][i]:.2f} / {c['harmonic'][i]:.2f}"
+                 for i in range(len(c["alphas"]))]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,7 @@
 """Concept data in the AxBench shape: (concept, instruction x, response y, concept-steered response y^c).
 
-AxBench (Wu et al. 2025, arXiv 2501.17148, §3) pairs each instruction x with an ordinary response y
-and a response y^c that brings in the concept; RePS (arXiv 2505.20809, §3.2) trains on exactly
+AxBench (Wu et al. 2025, arXiv 2501.17148, its concept datasets) pairs each instruction x with an ordinary response y
+and a response y^c that brings in the concept; RePS (arXiv 2505.20809, the training data of its objective) trains on exactly
 these triples. Two sources here:
 
 - a JSON-lines file, one object per line with ``concept``, ``instruction``, ``response`` and

@@ -1,7 +1,7 @@
 """DiffMean: the mean in-concept activation minus the mean out-of-concept activation, from a store by label.
 
-Source: AxBench (Wu et al. 2025, arXiv 2501.17148, §4), where this difference of means is the
-strongest simple baseline for concept detection and steering; RePS (arXiv 2505.20809, Table 1)
+Source: AxBench (Wu et al. 2025, arXiv 2501.17148), where this difference of means is the
+strongest simple baseline for concept detection and steering; RePS (arXiv 2505.20809, its AxBench steering table)
 reports it beside RePS and the LM objective. As in AxBench, the direction is what matters: it is
 saved with unit norm times the layer's scale r (the residual stream's centred RMS norm,
 sqrt E‖h − E h‖²), so α = 1 adds a vector as long as a typical token's deviation from the mean.

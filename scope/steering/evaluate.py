@@ -1,11 +1,12 @@
 """Steering and suppression scores of a vector: the AxBench protocol with the offline scorer.
 
-Steering (AxBench, arXiv 2501.17148, §3.3; RePS, arXiv 2505.20809, §4): generate for every
+Steering (AxBench, arXiv 2501.17148, its steering evaluation; RePS, arXiv 2505.20809, which
+evaluates the same way): generate for every
 out-of-concept prompt at every factor α of a grid, rate each response (concept, relevance,
 fluency, harmonic mean), choose the α with the best mean harmonic score on the first half of the
 prompts, and report the scores at that α on the other half, beside α = 0 (the unsteered model).
 
-Suppression (RePS §4.3): generate for in-concept prompts with the null-out intervention and
+Suppression (RePS evaluates concept suppression too; ours is an offline analogue): generate for in-concept prompts with the null-out intervention and
 without, and report the same ratings with the concept rating flipped (2 − concept).
 """
 
@@ -26,7 +27,7 @@ from scope.steering.generate import RowSteer, generate
 from scope.steering.scoring import Scorer
 from scope.steering.vector import SteeringVector
 
-DEFAULT_ALPHAS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
+DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 RATINGS = ("concept", "relevance", "fluency", "harmonic")
 
 
@@ -65,7 +66,7 @@ class SteeringResult:
 
 def evaluate_vector(model: LoadedModel, vec: SteeringVector, data: ConceptData, scorer: Scorer,
                     alphas: Sequence[float] = DEFAULT_ALPHAS, max_new_tokens: int = 32, temperature: float = 0.7,
-                    seed: int = 0, batch_size: int = 48, suppression: bool = True, progress: bool = True,
+                    seed: int = 0, batch_size: int = 128, suppression: bool = True, progress: bool = True,
                     n_samples: int = 3, judge=None) -> SteeringResult:
     """Steering scores over an α grid (α chosen on half the prompts) and suppression scores.
 

@@ -1,7 +1,7 @@
 """Rank-1 interventions on a layer's residual stream: add α·w, or null out the component along w.
 
 Source: Wu et al. 2025, "Improved Representation Steering for Language Models" (RePS,
-arXiv 2505.20809), §3: the steering intervention Φ_steer(h) = h + α·w and the null-out
+arXiv 2505.20809), its intervention definitions for steering vectors: the steering intervention Φ_steer(h) = h + α·w and the null-out
 intervention Φ_null(h) = h − (ReLU(h·w + b)/‖w‖²)·w, which removes the positive part of h's
 component along w (above the threshold −b) and leaves everything orthogonal to w untouched.
 

@@ -1,6 +1,6 @@
 """Optional LLM judge through any OpenAI-compatible chat endpoint (off unless configured).
 
-AxBench (arXiv 2501.17148, §3.3 and appendix) rates each steered response with three judge
+AxBench (arXiv 2501.17148, its steering evaluation and judge-prompt appendix) rates each steered response with three judge
 prompts, each answered with a score in {0, 1, 2}: whether the concept is present, whether the
 response addresses the instruction, and whether it is fluent. The prompts below ask the same
 three questions in our own words and ask for the answer as ``Rating: [[N]]``. Nothing is sent

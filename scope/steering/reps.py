@@ -1,7 +1,7 @@
 """RePS: reference-free, bidirectional preference training of a rank-1 steering vector; and the LM baseline.
 
 Source: Wu et al. 2025, "Improved Representation Steering for Language Models" (arXiv 2505.20809),
-§3.2, eqs. (4)–(6). For a triple (x, y, y^c), with log p summed over response tokens and |y| the
+its training objective (the Δ⁺/Δ⁻ likelihood differences and β weights). For a triple (x, y, y^c), with log p summed over response tokens and |y| the
 response length:
 
 - weights from the frozen, unsteered model p (the only use of a reference model):
@@ -12,7 +12,7 @@ response length:
   Δ⁻ = (β⁻/|y|) log p_Φ(y|x; null) − (1/|y^c|) log p_Φ(y^c|x; null);
 - L = −log σ(Δ⁺) − log σ(Δ⁻), minimised over the steering parameters (w, b) only.
 
-The baseline "LM objective" (the SFT-style steering vector of AxBench and RePS Table 1) maximises
+The baseline "LM objective" (the supervised steering vector of AxBench and of RePS's comparison) maximises
 (1/|y^c|) log p_Φ(y^c|x; α⁺) with the same factor sampling; it has no null-out term, so its b is
 left at the centred value below (c = 0).
 
@@ -88,7 +88,7 @@ class SteerConfig(BaseModel):
 
 def reps_loss(steer_yc: torch.Tensor, steer_y: torch.Tensor, null_y: torch.Tensor, null_yc: torch.Tensor,
               ref_y: torch.Tensor, ref_yc: torch.Tensor, len_y: torch.Tensor, len_yc: torch.Tensor) -> torch.Tensor:
-    """Per-example RePS loss −log σ(Δ⁺) − log σ(Δ⁻) (arXiv 2505.20809 eqs. 4–6) from summed log-probs."""
+    """Per-example RePS loss −log σ(Δ⁺) − log σ(Δ⁻) (arXiv 2505.20809) from summed log-probs."""
     beta_pos = (ref_y - ref_yc).clamp_min(1.0)
     beta_neg = (ref_yc - ref_y).clamp_min(1.0)
     len_y, len_yc = len_y.to(steer_y.dtype), len_yc.to(steer_y.dtype)

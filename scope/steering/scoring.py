@@ -1,10 +1,10 @@
 """Offline scores of steered text, each in [0, 2] as AxBench's judge gives them, and their harmonic mean.
 
-AxBench (Wu et al. 2025, arXiv 2501.17148, §3.3 and appendix) asks an LLM judge for three ratings
+AxBench (Wu et al. 2025, arXiv 2501.17148, its steering evaluation) asks an LLM judge for three ratings
 in {0, 1, 2}: does the response bring in the concept, does it address the instruction, is it
 fluent; the steering score of a response is their harmonic mean, and for each method the steering
 factor is chosen on half of the instructions and the score reported on the other half. RePS
-(arXiv 2505.20809, §4) scores the same way. No judge can run here, so each rating is replaced by
+(arXiv 2505.20809) scores the same way. No judge can run here, so each rating is replaced by
 a measured, calibrated quantity:
 
 - concept: 2·P(concept | text) from a logistic-regression probe on the unsteered model's mean
