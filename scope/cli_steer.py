@@ -57,6 +57,8 @@ def steer_train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train a rank-1 steering vector (RePS or LM objective) or compute DiffMean from a store."""
+    from pydantic import ValidationError
+
     from scope.models import load_model
     from scope.steering.pipeline import concept_data, make_vector
     from scope.steering.reps import SteerConfig
@@ -68,8 +70,9 @@ def steer_train(
                           response_tokens=response_tokens, epochs=epochs, batch_size=batch_size, lr=lr,
                           factors=_floats(factors, "--factors"), seed=seed, dtype=dtype,
                           store=store, max_rows=max_rows)
-    except ValueError as err:  # pydantic's validation error names the field
-        raise ScopeError(f"bad steering config: {str(err).splitlines()[-1].strip()}") from None
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
+        raise ScopeError(f"bad steering config: {problems}") from None
     lm = load_model(model, dtype=dtype, device=device)
     if not 0 <= layer < lm.facts.n_layers:
         raise ScopeError(f"--layer {layer} is outside 0..{lm.facts.n_layers - 1} of {model}")
