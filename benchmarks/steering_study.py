@@ -51,9 +51,15 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--summarise", action="store_true", help="only tabulate the evaluations already saved in --out")
     args = ap.parse_args()
 
     out = Path(args.out)
+    if args.summarise:
+        found = [out / c.replace(":", "_") / m / "eval.json" for c in args.concepts.split(",")
+                 for m in args.methods.split(",")]
+        results = [result_from_dict(json.loads(f.read_text())) for f in found if f.is_file()]
+        return report(results, args, out, {}, 0.0)
     alphas = [float(a) for a in args.alphas.split(",")]
     model = load_model("gemma-3-270m", dtype=args.dtype)
     t0 = time.time()
@@ -90,9 +96,14 @@ def main() -> None:
             tmp.write_text(json.dumps({**r.to_dict(), "vector": vec.meta(), "probe": scorer.fit.__dict__}, indent=1))
             tmp.replace(done)
             results.append(r)
+    report(results, args, out, timings, time.time() - t0)
+
+
+def report(results, args, out: Path, timings: dict, seconds: float) -> None:
+    """Write steering_study.json, the score-vs-α figure and the markdown table; print the table (or JSON)."""
     summary = summarise(results, args)
     summary["timings_s"] = timings
-    summary["seconds"] = round(time.time() - t0, 1)
+    summary["seconds"] = round(seconds, 1)
     figures = {"score_vs_alpha": alpha_figure(results, "Gemma 3 270M: steering score vs α (all prompts)")}
     write_results(str(out), "steering_study.json", summary, figures)
     table = markdown(summary)

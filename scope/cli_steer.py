@@ -92,6 +92,8 @@ def steer_eval(
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 32,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 0.7,
     probe_layer: Annotated[Optional[int], typer.Option(help="Layer of the concept probe (default 2/3 of the depth).")] = None,
+    classifier_texts: Annotated[int, typer.Option(help="Labelled texts (half in, half out of the concept) the probe "
+                                                       "is fitted on, when DIR has no scorer yet.")] = 64,
     suppression: Annotated[bool, typer.Option(help="Also score suppression (null-out on in-concept prompts).")] = True,
     batch_size: Annotated[int, typer.Option(help="Texts generated per batch (decoding on a CPU costs about the same "
                                                   "per step for 8 or 128 texts).")] = 128,
@@ -108,7 +110,7 @@ def steer_eval(
     from scope.steering.pipeline import concept_data, scorer_for
 
     cfg, vec, lm = _open_run(folder, device)
-    data = concept_data(lm, cfg)
+    data = concept_data(lm, cfg, n_classifier=classifier_texts)
     scorer = scorer_for(lm, data, Path(folder) / "scorer", probe_layer=probe_layer, seed=cfg.seed)
     result = evaluate_vector(lm, vec, data, scorer, alphas=_floats(alphas, "--alphas"), max_new_tokens=new_tokens,
                              temperature=temperature, seed=cfg.seed, batch_size=batch_size, suppression=suppression,

@@ -399,7 +399,8 @@ def test_cli_train_generate_eval_and_errors(small_store, tmp_path):
     assert r.exit_code == 0, r.output
     gens = json.loads(r.output)["generations"]
     assert [g["alpha"] for g in gens] == [0.0, 0.5] and all(g["text"] for g in gens)
-    r = runner.invoke(app, ["steer", "eval", str(out), "--alphas", "0.25", "--new-tokens", "6", "--json"])
+    r = runner.invoke(app, ["steer", "eval", str(out), "--alphas", "0.25", "--new-tokens", "6",
+                            "--classifier-texts", "16", "--json"])
     assert r.exit_code == 0, r.output
     ev = json.loads(r.output)
     assert ev["alphas"] == [0.0, 0.25] and 0 <= ev["steer"]["harmonic"] <= 2 and ev["suppress"] is not None

@@ -25,10 +25,10 @@ from scope.steering.scoring import Scorer, fit_scorer, load_scorer
 from scope.steering.vector import SteeringVector, load_vector
 
 
-def concept_data(model: LoadedModel, cfg: SteerConfig) -> ConceptData:
-    """The concept data a config names (a .jsonl file or CORPUS:LABEL)."""
+def concept_data(model: LoadedModel, cfg: SteerConfig, n_classifier: int = 64) -> ConceptData:
+    """The concept data a config names (a .jsonl file or CORPUS:LABEL); ``n_classifier`` texts for the probe."""
     return load_concept(cfg.concept, model.tokenizer, n_train=cfg.n_train, n_eval=cfg.n_eval,
-                        response_tokens=cfg.response_tokens, seed=cfg.seed)
+                        response_tokens=cfg.response_tokens, n_classifier=n_classifier, seed=cfg.seed)
 
 
 def store_for_diffmean(model: LoadedModel, cfg: SteerConfig, out: Path, tokens: int = 40_000,
