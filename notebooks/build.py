@@ -177,6 +177,53 @@ NOTEBOOKS = {
                       "found = direction_classes(gemma_class_space(model), mlp_value_vectors(model, 17)[:5], k=5)\n"
                       "[found.named(i, lambda ids: [model.tokenizer.decode([t]) for t in ids])['top'] for i in range(5)]"),
     ],
+    "06_reps_steering.ipynb": [
+        new_markdown_cell("# RePS steering vectors, DiffMean and suppression\n\nBuild AxBench-shaped concept data "
+                          "(instruction x, response y, concept-steered response y^c) for BBC *sport* from the bundled "
+                          "corpus, compute the DiffMean direction from an activation store, train a rank-1 steering "
+                          "vector with RePS (Wu et al. 2025, arXiv 2505.20809), steer and suppress generations on the "
+                          "bundled Gemma 3 270M, and score them offline: a concept probe, the unsteered model's "
+                          "perplexity and instruction relevance, each in [0, 2], combined by harmonic mean. "
+                          "See `docs/methods/reps.md`."),
+        new_code_cell(SIZES),
+        new_code_cell("from scope.models import load_model\nfrom scope.steering import build_concept, resid_hook\n\n"
+                      "model = load_model('gemma-3-270m')\nLAYER = 6\n"
+                      "data = build_concept('bbc:sport', model.tokenizer, n_train=4 if SMALL else 32, n_eval=4 if SMALL else 16,\n"
+                      "                     response_tokens=12 if SMALL else 32, n_classifier=16 if SMALL else 64,\n"
+                      "                     text_tokens=16 if SMALL else 32)\n"
+                      "print(data.summary())\ndata.train[0]"),
+        new_code_cell("from scope.data import open_source\nfrom scope.store import ActivationStore, capture_store\n"
+                      "from scope.steering import diffmean\n\n"
+                      "store_dir = f'{OUT}/bbc-l6'\n"
+                      "capture_store(model, open_source('bbc'), [resid_hook(LAYER)], store_dir, tokens=2_000 if SMALL else 60_000,\n"
+                      "              context=64)\n"
+                      "w_dm, info = diffmean(ActivationStore(store_dir), resid_hook(LAYER), 'bbc:sport')\n"
+                      "info  # rows in and out of the concept, the layer scale r (w has norm r), the null-out threshold b"),
+        new_code_cell("from scope.steering import SteerConfig, SteeringVector, train_vector\n\n"
+                      "cfg = SteerConfig(concept='bbc:sport', layer=LAYER, method='reps', n_train=len(data.train),\n"
+                      "                  epochs=1 if SMALL else 3, batch_size=2 if SMALL else 4)\n"
+                      "reps = train_vector(model, data, cfg, f'{OUT}/reps-sport')  # resumes if interrupted\n"
+                      "dm = SteeringVector(w=w_dm, b=info['b'], hook=resid_hook(LAYER), model=model.spec, concept=data.concept,\n"
+                      "                    method='diffmean', scale=info['scale'])\n"
+                      "reps.meta()"),
+        new_code_cell("from scope.steering import generate, null_out, steering\n\n"
+                      "prompt = data.steer_prompts[0].instruction\nprint(repr(prompt))\n"
+                      "for alpha in (0.0, 0.25, 0.5):\n"
+                      "    with steering(model, reps.hook, reps.w, alpha):  # a context manager; α = 0 adds no hook at all\n"
+                      "        print(f'α = {alpha}:', generate(model, [prompt], max_new_tokens=12 if SMALL else 48)[0])"),
+        new_code_cell("sport_prompt = data.suppress_prompts[0].instruction\nprint(repr(sport_prompt))\n"
+                      "print('as is:     ', generate(model, [sport_prompt], max_new_tokens=12 if SMALL else 48)[0])\n"
+                      "with null_out(model, reps.hook, reps.w, reps.b):  # Φ(h) = h − ReLU(h·w + b)/‖w‖² · w\n"
+                      "    print('nulled out:', generate(model, [sport_prompt], max_new_tokens=12 if SMALL else 48)[0])"),
+        new_code_cell("from scope.steering import alpha_figure, evaluate_vector, fit_scorer\n\n"
+                      "scorer = fit_scorer(model, data)\nprint(scorer.fit, scorer.cal, sep='\\n')\n"
+                      "results = [evaluate_vector(model, v, data, scorer, alphas=(0.25, 0.5) if SMALL else (0.125, 0.25, 0.5, 0.75, 1),\n"
+                      "                           max_new_tokens=8 if SMALL else 32) for v in (reps, dm)]\n"
+                      "for r in results:\n"
+                      "    print(r.method, 'α* =', r.best_alpha, 'steer', r.steer, '\\n   unsteered', r.unsteered,\n"
+                      "          '\\n   suppress', r.suppress, '\\n   no intervention', r.unsuppressed)"),
+        new_code_cell("alpha_figure(results)"),
+    ],
     "08_gemma_scope_saes.ipynb": [
         new_markdown_cell("# Load Gemma Scope SAEs\n\nGemma Scope (Lieberum et al. 2024) ships its JumpReLU SAEs for "
                           "Gemma 2 as one `params.npz` per SAE (`W_enc [d, M]`, `W_dec [M, d]`, `b_enc`, `b_dec`, "

@@ -441,6 +441,10 @@ from scope.cli_analyze import analyze_app  # noqa: E402 (needs friendly, _emit a
 
 app.add_typer(analyze_app, name="analyze")
 
+from scope.cli_steer import steer_app  # noqa: E402 (as above)
+
+app.add_typer(steer_app, name="steer")
+
 
 def main() -> None:  # pragma: no cover - console entry for `python -m scope`
     app(prog_name="scope")

@@ -281,8 +281,31 @@ def load_model(
         source, hf_model=hf_model, tokenizer=tokenizer, device=dev, dtype=torch_dtype
     )
     bridge.eval()
+    keep_kv_cache(bridge)
     facts = read_facts(config, model_id=spec, revision=rev)
     return LoadedModel(bridge=bridge, tokenizer=tokenizer, facts=facts, spec=spec, dtype=torch_dtype, device=dev)
+
+
+def keep_kv_cache(bridge: Any) -> None:
+    """Hand transformers' ``cache=`` keyword to the bridge's attention, which reads ``past_key_values``.
+
+    transformers 5 passes the KV cache to each attention module as ``cache``; TransformerLens 4.3's
+    attention bridge only looks for ``past_key_values`` (or ``layer_past``), so it never stored keys
+    and values and every cached decoding step attended to itself alone (greedy generation repeated
+    one token). A forward pre-hook copies the cache under the name the bridge reads; where the
+    cache already comes as ``past_key_values`` it does nothing.
+    """
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    def pass_cache(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = kwargs["cache"]
+        return args, kwargs
+
+    for module in bridge.modules():
+        if isinstance(module, AttentionBridge) and not getattr(module, "_scope_passes_cache", False):
+            module.register_forward_pre_hook(pass_cache, with_kwargs=True)
+            module._scope_passes_cache = True
 
 
 def _first_line(err: BaseException) -> str:
@@ -302,5 +325,6 @@ def random_init(model: LoadedModel, seed: int = 0) -> LoadedModel:
     bridge = TransformerBridge.boot_transformers(source, hf_model=hf_model, tokenizer=model.tokenizer,
                                                  device=model.device, dtype=model.dtype)
     bridge.eval()
+    keep_kv_cache(bridge)
     return LoadedModel(bridge=bridge, tokenizer=model.tokenizer, facts=model.facts, spec=f"{model.spec} (random init)",
                        dtype=model.dtype, device=model.device)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -59,3 +62,19 @@ class StoreFS:
     def remove(self, rel: str) -> None:
         if self.exists(rel):
             self.fs.rm(self.path(rel))
+
+
+def replace_folder(parent: Path, name: str, fill: Callable[[Path], None]) -> None:
+    """Make ``parent/name`` anew, atomically: ``fill`` writes into a temporary folder that then takes its place.
+
+    A reader (or a resumed run) sees either the old folder or the new one, never a half-written one.
+    """
+    tmp, old = parent / f".{name}.tmp", parent / f".{name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if (parent / name).exists():
+        (parent / name).rename(old)
+    tmp.rename(parent / name)
+    shutil.rmtree(old, ignore_errors=True)

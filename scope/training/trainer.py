@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from scope.dictionaries import Dictionary, build
 from scope.dictionaries.whitening import Whitening, WhiteningSpec, fit_whitening
 from scope.errors import ScopeError
 from scope.store import ActivationStore
+from scope.store.fs import replace_folder
 from scope.training.config import DictSpec, TrainConfig
 from scope.training.logging import MetricLogger
 
@@ -350,17 +350,12 @@ def _checkpoint(out: Path, cfg: TrainConfig, runs: list[Trained], step: int) -> 
             for p in group["params"]:
                 for key, val in run.opt.state.get(p, {}).items():
                     tensors[f"{run.name}/adam/{names[id(p)]}/{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
-    tmp = out / f".{CHECKPOINT}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config_hash": config_hash(cfg)}))
-    old = out / f".{CHECKPOINT}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if (out / CHECKPOINT).exists():
-        (out / CHECKPOINT).rename(old)
-    tmp.rename(out / CHECKPOINT)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "config_hash": config_hash(cfg)}))
+
+    replace_folder(out, CHECKPOINT, fill)
 
 
 def _resume(out: Path, cfg: TrainConfig, runs: list[Trained]) -> int:
