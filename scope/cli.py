@@ -406,6 +406,7 @@ def pull(repo_id: str, path_in_repo: Annotated[Optional[str], typer.Argument()] 
 from scope.cli_analyze import analyze_app  # noqa: E402 (needs friendly, _emit and the option types above)
 
 app.add_typer(analyze_app, name="analyze")
+import scope.cli_dashboard  # noqa: E402,F401 (registers `scope dashboard`)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m scope`

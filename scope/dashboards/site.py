@@ -1,0 +1,129 @@
+"""The static dashboard site: an index of features and one page per feature, opening from ``file://``.
+
+Layout of a site folder (local or any fsspec URL)::
+
+    index.html               sortable, searchable table of every published feature
+    features/000123.html     one page per feature
+    data/index.json          the index rows (merged when a subset is published again)
+    data/features/000123.json  the full data behind each page (the Neuronpedia export reads it)
+    assets/plotly.min.js     plotly.js, once for the whole site
+    assets/dashboard.css, assets/dashboard.js
+    site.json                what the site was computed from (dictionary, store, settings)
+
+Nothing is fetched from the network: scripts and styles are local files, fonts are the system's.
+Every string from tokens or from the user goes through jinja2's autoescaping; data handed to
+scripts goes through ``tojson``, which also escapes ``<``, ``>``, ``&`` and quotes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib import resources
+from typing import Any
+
+import plotly.graph_objects as go
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from plotly.offline import get_plotlyjs
+from tqdm.auto import tqdm
+
+from scope.store.fs import StoreFS
+
+SITE_META = "site.json"
+SITE_FORMAT = "scope-dashboard"
+SITE_VERSION = 1
+ASSETS = ("dashboard.css", "dashboard.js")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(text: str, fallback: str = "dictionary") -> str:
+    """A file-name-safe form of user text: letters, digits, '.', '_' and '-' only, never a path."""
+    return _UNSAFE.sub("-", text).strip("-.")[:80] or fallback
+
+
+def feature_page(feature: int) -> str:
+    """Relative path of a feature's page (file names come from integers only)."""
+    return f"features/{int(feature):06d}.html"
+
+
+def feature_data(feature: int) -> str:
+    return f"data/features/{int(feature):06d}.json"
+
+
+def _env() -> Environment:
+    env = Environment(loader=PackageLoader("scope.dashboards", "templates"), autoescape=True,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["pct"] = lambda x: f"{100 * x:.3g}%"
+    env.filters["num"] = lambda x: f"{x:.4g}"
+    env.filters["shown"] = _shown
+    env.filters["alpha"] = lambda v, top: f"{min(max(v / top, 0.0), 1.0):.3f}" if top > 0 else "0"
+    env.globals["feature_page"] = feature_page
+    return env
+
+
+def _shown(token: str) -> str:
+    """A token as it should appear in running text: newlines and tabs made visible, a bare space too."""
+    if token and not token.strip(" "):
+        return "␣" * len(token)
+    return token.replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+
+def histogram_figure(record: dict[str, Any], name: str) -> dict[str, Any]:
+    """The activation histogram as plotly JSON (bars between the exact bin edges)."""
+    edges, counts = record["histogram"]["edges"], record["histogram"]["counts"]
+    mids = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    fig = go.Figure(go.Bar(x=mids, y=counts, width=widths, marker_color="#e8772e",
+                           hovertemplate="%{x:.4g}: %{y} rows<extra></extra>"))
+    fig.update_layout(margin=dict(l=50, r=10, t=30, b=40), height=260, bargap=0,
+                      title=f"Feature {record['feature']} of {name}: activations when firing "
+                            f"({record['count']:,} of {record['rows']:,} rows)",
+                      xaxis_title="activation", yaxis_title="rows",
+                      # no template: plotly would embed its whole default theme in every page
+                      template="none", plot_bgcolor="white", font=dict(size=12))
+    return json.loads(fig.to_json())
+
+
+def write_assets(fs: StoreFS) -> None:
+    """plotly.js and the site's own script and stylesheet (written once; rewritten when they differ)."""
+    if not fs.exists("assets/plotly.min.js"):
+        fs.write_atomic("assets/plotly.min.js", get_plotlyjs().encode())
+    for name in ASSETS:
+        data = resources.files("scope.dashboards").joinpath("assets", name).read_bytes()
+        if not fs.exists(f"assets/{name}") or fs.read_bytes(f"assets/{name}") != data:
+            fs.write_atomic(f"assets/{name}", data)
+
+
+def render_site(out: str, records: list[dict[str, Any]], index: dict[int, dict[str, Any]], meta: dict[str, Any],
+                progress: bool = True) -> dict[str, str]:
+    """Write the pages of ``records`` and the index of ``index`` (every published feature) into ``out``.
+
+    Pages are written first, then the index data and page, each atomically, so a reader never sees
+    an index row whose page is missing.
+    """
+    fs = StoreFS(out)
+    fs.makedirs()
+    write_assets(fs)
+    env = _env()
+    page = env.get_template("feature.html.j2")
+    published = set(index)
+    for rec in tqdm(records, desc="feature pages", unit="page", disable=not progress, dynamic_ncols=True):
+        fs.write_atomic(feature_data(rec["feature"]), json.dumps(rec).encode())
+        html = page.render(f=rec, meta=meta, figure=histogram_figure(rec, meta["name"]), published=published, root="../")
+        fs.write_atomic(feature_page(rec["feature"]), html.encode())
+    rows = [index[k] for k in sorted(index)]
+    fs.write_atomic("data/index.json", json.dumps({"features": rows}).encode())
+    fs.write_atomic("index.html", env.get_template("index.html.j2").render(rows=rows, meta=meta, root="").encode())
+    return {"index": fs.path("index.html"), "folder": fs.path("")}
+
+
+def read_index(out: str) -> dict[int, dict[str, Any]]:
+    """The index rows of an existing site (empty for a new folder)."""
+    fs = StoreFS(out)
+    if not fs.exists("data/index.json"):
+        return {}
+    return {int(r["feature"]): r for r in json.loads(fs.read_bytes("data/index.json"))["features"]}
+
+
+def read_feature(out: str, feature: int) -> dict[str, Any]:
+    return json.loads(StoreFS(out).read_bytes(feature_data(feature)))
