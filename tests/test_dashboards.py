@@ -328,8 +328,7 @@ def test_neuronpedia_export_has_the_upload_shape(site, tmp_path):
 
 
 def _browser():
-    from playwright.sync_api import sync_playwright
-
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright  # in the dev extra
     return sync_playwright()
 
 
