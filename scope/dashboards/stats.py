@@ -38,6 +38,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from scope.dashboards.contexts import attach_tokens
 from scope.dictionaries.base import Dictionary
 from scope.errors import ScopeError
 from scope.store.reader import ActivationStore
@@ -319,9 +320,7 @@ def dictionary_hook(sae: Dictionary, store: ActivationStore, hook: str | None = 
 def feature_stats(sae: Dictionary, store: ActivationStore, features: Sequence[int] | None = None,
                   hook: str | None = None, cfg: StatsConfig | None = None,
                   device: str | torch.device | None = None, progress: bool = True) -> list[FeatureStats]:
-    """Statistics of ``features`` (default: all) over ``store`` in one pass; contexts without tokens yet."""
-    from scope.dashboards.contexts import attach_tokens
-
+    """Statistics of ``features`` (default: all) over ``store`` in one pass, with every example's context."""
     cfg = cfg or StatsConfig()
     hook = dictionary_hook(sae, store, hook)
     m = sae.cfg.d_sae
