@@ -38,6 +38,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,6 +95,18 @@ def _pad(tokens, acts, pad: int, context: int):
         tok[i, : len(t)] = torch.tensor(t)
         act[i, 1 : len(t)] = a  # BOS (position 0) and padding stay zero; sae-dashboard ignores them
     return tok, act
+
+
+@torch.no_grad()
+def firing_features(sae, acts: torch.Tensor, tokens: torch.Tensor, features: list[int], bos: int, pad: int,
+                    n: int = 8) -> list[int]:
+    """``n`` of the chosen features that fire on these windows, spread over the list, for the agreement check."""
+    real = (tokens != bos) & (tokens != pad)
+    fires = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    for a in range(0, len(acts), 64):
+        fires |= (sae.encode(acts[a : a + 64][real[a : a + 64]]) > 0).any(0)
+    alive = [f for f in features if fires[f]]
+    return alive[:: max(1, len(alive) // n)][:n]
 
 
 def model_dir() -> str:
@@ -165,6 +178,7 @@ def bench(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="dashbench-", dir=args.workdir))
     (tokens, acts), rows = windows_from_store(store, hook, args.rows, tok.bos_token_id, tok.pad_token_id,
                                               store.manifest.config.context)
+    check = firing_features(sae, acts, tokens, features, tok.bos_token_id, tok.pad_token_id)
     save_file({"tokens": tokens}, str(work / "tokens.safetensors"))
     cache = work / "cache"
     cache.mkdir()
@@ -173,7 +187,6 @@ def bench(args) -> dict:
     del acts
     to_saelens(sae, work / "saelens")
     norms = (sae.saved_tensors()["W_dec"].norm(dim=1)).tolist()
-    check = features[:: max(1, len(features) // 8)][:8]
     threads = args.threads
     results = {}
     for mode in ["stored", *(["end-to-end"] if args.end_to_end else [])]:
@@ -185,8 +198,8 @@ def bench(args) -> dict:
         side = {"sae_dir": str(work / "saelens"), "model_dir": model_dir(), "tokens": str(work / "tokens.safetensors"),
                 "hook": hook, "features": features, "feature_batch": args.feature_batch,
                 "token_batch": args.token_batch, "ignore_tokens": [tok.bos_token_id, tok.pad_token_id],
-                "cache_dir": None if e2e else str(cache), "html": str(work / f"saedash-{mode}.html"),
-                "check": check, "threads": threads}
+                "cache_dir": None if e2e else str(cache), "html": str(work / f"saedash-{mode}"),
+                "check": check, "threads": threads, "chunk": args.chunk}
         peer = run_json([args.saedash_python, str(SIDE), json.dumps(side)], f"sae-dashboard ({mode})")
         results[mode] = {"scope": scope, "sae_dashboard": peer}
         for r in (scope, peer):
@@ -195,10 +208,13 @@ def bench(args) -> dict:
         if "error" not in scope and "error" not in peer:
             results[mode]["speedup"] = scope["features_per_s"] / peer["features_per_s"]
     agreement = _agreement(results["stored"], check, norms, len(tokens) * tokens.shape[1])
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     return {"config": {"store": args.store, "sae": args.sae, "kind": sae.kind, "d_sae": sae.cfg.d_sae, "hook": hook,
                        "features": len(features), "rows": rows, "windows": len(tokens), "context": tokens.shape[1],
                        "threads": threads or torch.get_num_threads(), "settings": SETTINGS, "logits": LOGITS,
-                       "feature_batch": args.feature_batch, "token_batch": args.token_batch, "workdir": str(work)},
+                       "feature_batch": args.feature_batch, "token_batch": args.token_batch, "chunk": args.chunk,
+                       "workdir": str(work) if args.keep else None},
             "results": results, "agreement": agreement, "target": TARGET,
             "met": all(r.get("speedup", 0) >= TARGET for r in results.values()), "runtime_s": time.time() - t0}
 
@@ -224,7 +240,7 @@ def report(res: dict) -> str:
              f"{c['threads']} threads",
              f"settings (both): top 20, 10 intervals x 5, 5 context tokens each side, 3 correlated features, "
              f"{c['logits']} logit tokens; sae-dashboard feature batch {c['feature_batch']}, token batch "
-             f"{c['token_batch']}"]
+             f"{c['token_batch']}, one run and HTML file per {c['chunk']} features"]
     head = f"{'mode':<12}{'library':<16}{'seconds':>10}{'features/s':>12}{'ratio':>8}{'peak RSS MiB':>14}"
     lines += ["", head, "-" * len(head)]
     for mode, r in res["results"].items():
@@ -258,6 +274,9 @@ def main() -> None:
     p.add_argument("--end-to-end", action="store_true", help="also time both from tokens (model forward included)")
     p.add_argument("--feature-batch", type=int, default=256, help="sae-dashboard minibatch_size_features")
     p.add_argument("--token-batch", type=int, default=64, help="sae-dashboard minibatch_size_tokens (windows)")
+    p.add_argument("--chunk", type=int, default=256, help="features per sae-dashboard run and HTML file (one file "
+                   "for thousands of features does not fit in memory)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (sites, cache, exports)")
     p.add_argument("--saedash-python", default=os.environ.get("SCOPE_SAEDASH_PYTHON", DEFAULT_PYTHON),
                    help="python of the venv built by benchmarks/saedash_venv.sh")
     p.add_argument("--workdir", default=None, help="folder for the temporary files (default: system temp)")

@@ -206,6 +206,24 @@ def test_every_token_and_user_text_is_escaped(synthetic, tmp_path):
     assert json.loads(figure_json)["layout"]["title"]["text"].startswith("Feature")
 
 
+def test_a_site_on_an_fsspec_url(synthetic):
+    from scope.dashboards.site import read_feature, read_index
+    from scope.store.fs import StoreFS
+
+    store, _ = synthetic
+    stats = feature_stats(sparse_relu(16, 4), store, None, cfg=StatsConfig(top_k=2, per_interval=1), progress=False)
+    names = token_names(stats, lambda ids: [f"t{i}" for i in ids])
+    records = [feature_record(s, names) for s in stats]
+    meta = {"name": "memory site", "hook": "x", "model": "m", "corpus": "c", "rows": 968, "sae": {"kind": "relu", "d_sae": 4}}
+    out = render_site("memory://scope-test/site", records, {r["feature"]: summary(r) for r in records}, meta,
+                      progress=False)
+    fs = StoreFS("memory://scope-test/site")
+    assert out["index"].endswith("index.html") and fs.exists("assets/plotly.min.js")
+    assert sorted(read_index("memory://scope-test/site")) == [0, 1, 2, 3]
+    assert read_feature("memory://scope-test/site", 2) == json.loads(json.dumps(records[2]))
+    assert b"feature-row" in fs.read_bytes("index.html") and fs.exists("features/000003.html")
+
+
 def test_file_names_from_user_text_are_sanitised():
     assert safe_name("../../etc/passwd") == "etc-passwd"
     assert safe_name("a/b\\c:d*e?.json") == "a-b-c-d-e-.json"

@@ -93,7 +93,7 @@ def _check_site(out: str, meta: dict[str, Any], overwrite: bool) -> None:
                              "Choose another --out (or pass --overwrite to replace it)")
         return
     old = json.loads(fs.read_bytes(SITE_META))
-    keys = ("format", "version", "hook", "model", "corpus", "rows", "sae", "store", "settings")
+    keys = ("format", "version", "name", "hook", "model", "corpus", "rows", "sae", "store", "settings")
     diff = [k for k in keys if old.get(k) != meta.get(k)]
     if diff and not overwrite:
         raise ScopeError(f"the site in {out!r} was published from a different {', '.join(diff)}; publish into a new "

@@ -17,12 +17,14 @@ scripts goes through ``tojson``, which also escapes ``<``, ``>``, ``&`` and quot
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from importlib import resources
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup, escape
 from plotly.offline import get_plotlyjs
 from tqdm.auto import tqdm
 
@@ -55,8 +57,8 @@ def _env() -> Environment:
     env.filters["pct"] = lambda x: f"{100 * x:.3g}%"
     env.filters["num"] = lambda x: f"{x:.4g}"
     env.filters["shown"] = _shown
-    env.filters["alpha"] = lambda v, top: f"{min(max(v / top, 0.0), 1.0):.3f}" if top > 0 else "0"
     env.globals["feature_page"] = feature_page
+    env.globals["context"] = context_html
     return env
 
 
@@ -65,6 +67,28 @@ def _shown(token: str) -> str:
     if token and not token.strip(" "):
         return "␣" * len(token)
     return token.replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _token_html(token: str) -> str:
+    return str(escape(_shown(token)))
+
+
+def context_html(ex: dict[str, Any], top: float) -> Markup:
+    """One example as a line of token spans shaded by activation, the value in each span's title.
+
+    Built here rather than in a template macro: it is most of a page, and a macro costs ~5x more. The
+    token text is the only string from the data and is escaped (once per distinct token); the rest is
+    numbers formatted here and fixed markup.
+    """
+    spans = []
+    for i, (token, v) in enumerate(zip(ex["tokens"], ex["values"])):
+        v = float(v)
+        cls = ("tok on" if v > 0 else "tok") + (" focus" if i == ex["focus"] else "")
+        alpha = min(max(v / top, 0.0), 1.0) if top > 0 else 0.0
+        spans.append(f'<span class="{cls}" style="--a:{alpha:.3f}" title="{v:.4g}">{_token_html(token)}</span>')
+    return Markup(f'<div class="ctx" data-row="{int(ex["row"])}"><span class="val">{float(ex["value"]):.4g}</span>'
+                  f'<span class="text">{"".join(spans)}</span></div>\n')
 
 
 def histogram_figure(record: dict[str, Any], name: str) -> dict[str, Any]:
