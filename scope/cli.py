@@ -208,7 +208,7 @@ def quickstart(
 ) -> None:
     """The main job on the bundled Gemma 3 270M: capture layer 6, train a JumpReLU SAE, evaluate it, publish
     its feature dashboards."""
-    from scope.dashboards import StatsConfig, publish
+    from scope.dashboards import StatsConfig, parse_features, publish
     from scope.data import open_source
     from scope.dictionaries import load
     from scope.evals import evaluate
@@ -218,6 +218,9 @@ def quickstart(
     from scope.training import load_config
     from scope.training import train as run_training
 
+    parse_features(dashboard_features, d_sae)  # bad dashboard input fails now, not after training
+    if dashboard_rows <= 0:
+        raise ScopeError(f"--dashboard-rows must be positive, got {dashboard_rows}")
     t0 = time.time()
     hook = "blocks.6.hook_resid_post"
     model = load_model("gemma-3-270m")

@@ -449,3 +449,11 @@ def test_scope_dashboard_errors_are_one_line(small_store, trained, tmp_path):
     result = CliRunner().invoke(app, ["dashboard", "neuronpedia", str(tmp_path), "--out", str(tmp_path / "np")])
     assert result.exit_code == 2 and "is not a published dashboard site" in result.output
     assert not (tmp_path / "s").exists(), "nothing is written before the input is checked"
+
+
+def test_quickstart_refuses_bad_dashboard_input_before_any_work(tmp_path):
+    for args, message in [(["--dashboard-features", "0:5000"], "reaches past the dictionary's 4096 features"),
+                          (["--dashboard-rows", "0"], "--dashboard-rows must be positive, got 0")]:
+        result = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path / "qs"), *args])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "qs").exists()

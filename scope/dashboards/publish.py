@@ -76,10 +76,11 @@ def site_meta(sae: Dictionary, store: ActivationStore, hook: str, cfg: StatsConf
         "format": SITE_FORMAT, "version": SITE_VERSION, "name": name, "hook": hook, "model": info.model,
         "corpus": info.source.spec, "context": info.context, "rows": rows,
         "windows": round(sum(s.n_windows for s in store.manifest.shards) * rows / max(len(store), 1)),
-        "sae": {"source": source, "kind": sae.kind, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
-                "fingerprint": fingerprint(sae)},
-        "store": {"url": store.url, "documents": len(store.documents),
+        # Compared by content, so another spelling of the same path is the same site.
+        "sae": {"kind": sae.kind, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "fingerprint": fingerprint(sae)},
+        "store": {"documents": len(store.documents),
                   "fingerprint": hashlib.sha256(store.manifest.model_dump_json().encode()).hexdigest()[:16]},
+        "sae_source": source, "store_url": store.url,
         "settings": cfg.model_dump(exclude={"batch_size"}),
     }
 
