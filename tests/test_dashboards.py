@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from scope.cli import app
 from scope.dashboards import StatsConfig, feature_stats, parse_features, publish, render_site, write_neuronpedia
 from scope.dashboards.records import feature_record, summary, token_names
-from scope.dashboards.site import _shown, safe_name
+from scope.dashboards.site import safe_name
 from scope.dictionaries import build
 from scope.errors import ScopeError
 from scope.store import ActivationStore
@@ -383,7 +383,7 @@ def test_the_site_in_headless_chromium(site, synthetic, tmp_path):
         page.wait_for_selector("#hist .main-svg")
         hot = page.locator(".examples.top .ctx").first.locator(".tok.focus")
         top = json.loads((folder / "data" / "features" / f"{busiest:06d}.json").read_text())["top"]
-        assert hot.inner_text() == _shown(top[0]["tokens"][top[0]["focus"]])
+        assert hot.inner_text() == top[0]["tokens"][top[0]["focus"]].replace("\n", "↵").replace("\t", "⇥")
         assert float(hot.get_attribute("title")) == pytest.approx(top[0]["value"], rel=1e-3)  # the value on hover
         colour = hot.evaluate("e => getComputedStyle(e).backgroundColor")
         assert colour == "rgb(255, 122, 0)", "the top token is coloured at full strength"

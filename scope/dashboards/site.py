@@ -63,7 +63,7 @@ def _env() -> Environment:
 
 
 def _shown(token: str) -> str:
-    """A token as it should appear in running text: newlines and tabs made visible, a bare space too."""
+    """A token on its own (a chip, a table cell): newlines and tabs made visible, a bare space too."""
     if token and not token.strip(" "):
         return "␣" * len(token)
     return token.replace("\n", "↵").replace("\t", "⇥") or "∅"
@@ -71,7 +71,8 @@ def _shown(token: str) -> str:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _token_html(token: str) -> str:
-    return str(escape(_shown(token)))
+    """A token inside running text: spaces stay spaces (the line keeps them), newlines and tabs show."""
+    return str(escape(token.replace("\n", "↵").replace("\t", "⇥")))
 
 
 def context_html(ex: dict[str, Any], top: float) -> Markup:

@@ -210,7 +210,10 @@ class _Pass:
             self.cross = torch.zeros((n, m), device=device)
 
     def observe(self, codes_all: torch.Tensor, codes: torch.Tensor) -> None:
-        """Counts, sums, maxima, histograms and co-activations of one batch (no context needed)."""
+        """Counts, sums, maxima, histograms and co-activations of one batch (no context needed).
+
+        ``codes_all`` (every feature) is clamped in place; ``codes`` (the chosen ones) is not touched.
+        """
         codes = codes.clamp_min(0)
         r, f = codes.nonzero(as_tuple=True)
         v = codes[r, f]
@@ -220,9 +223,9 @@ class _Pass:
         self.max = torch.maximum(self.max, batch_max)
         self.hist.add(f, v, batch_max)
         if self.corr:
-            pos = codes_all.clamp_min(0)
-            self.sum_all += pos.sum(0, dtype=torch.float64)
-            self.sq_all += pos.double().pow(2).sum(0)
+            pos = codes_all.clamp_min_(0)  # the caller is done with codes_all
+            self.sum_all += pos.sum(0)  # one batch sums well in float32; the running totals are float64
+            self.sq_all += (pos * pos).sum(0)
             with warnings.catch_warnings():  # "sparse CSR support is in beta" on every call
                 warnings.simplefilter("ignore", UserWarning)
                 self.cross += codes.T.contiguous().to_sparse_csr() @ pos
@@ -244,21 +247,24 @@ class _Pass:
         if cfg.sample:
             self.sample.push(f, sample_key(self.features[f], r + start, cfg.seed), r + start, v, context)
 
-    def correlations(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def correlations(self, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The ``correlated`` highest Pearson r of each chosen feature with every other feature."""
         if not self.corr or self.rows < 2:
             return None
         n = self.rows
         mean = self.sum_all / n
         std = (self.sq_all / n - mean**2).clamp_min(0).sqrt()
-        fi = self.features.to(self.device)
-        cov = self.cross.double() / n - mean[fi, None] * mean[None, :]
-        r = cov / (std[fi, None] * std[None, :])
-        r = torch.nan_to_num(r, nan=-2.0, posinf=-2.0, neginf=-2.0)
-        r[torch.arange(len(fi), device=self.device), fi] = -2.0  # not itself
-        k = min(self.cfg.correlated, r.shape[1] - 1)
-        top = r.topk(k, dim=1)
-        return top.indices.cpu(), top.values.float().cpu()
+        k = min(self.cfg.correlated, len(mean) - 1)
+        idx, val = [], []
+        for a in range(0, len(self.features), chunk):  # [chunk × width] float64 at a time, not the whole matrix
+            fi = self.features[a : a + chunk].to(self.device)
+            cov = self.cross[a : a + chunk].double() / n - mean[fi, None] * mean[None, :]
+            r = torch.nan_to_num(cov / (std[fi, None] * std[None, :]), nan=-2.0, posinf=-2.0, neginf=-2.0)
+            r[torch.arange(len(fi), device=self.device), fi] = -2.0  # not itself
+            top = r.topk(k, dim=1)
+            idx.append(top.indices.cpu())
+            val.append(top.values.float().cpu())
+        return torch.cat(idx), torch.cat(val)
 
 
 def parse_features(spec: str | Sequence[int] | None, d_sae: int) -> list[int]:
