@@ -224,6 +224,46 @@ NOTEBOOKS = {
                       "          '\\n   suppress', r.suppress, '\\n   no intervention', r.unsuppressed)"),
         new_code_cell("alpha_figure(results)"),
     ],
+    "07_publish_dashboard.ipynb": [
+        new_markdown_cell("# Publish feature dashboards\n\nTrain a JumpReLU SAE on layer-6 residual activations of the "
+                          "bundled Gemma 3 270M, then compute every chosen feature's dashboard from the activation "
+                          "store in one pass (top activations with their context, samples from quantile intervals, "
+                          "an exact histogram, firing density, logit effects, correlated features), publish them as "
+                          "a static site that opens from `file://` with no network, and export them in Neuronpedia's "
+                          "upload format. See `docs/dashboards.md`."),
+        new_code_cell(SIZES),
+        new_code_cell("from scope.data import open_source\nfrom scope.models import load_model\n"
+                      "from scope.store import ActivationStore, capture_store\nfrom scope.training import load_config, train\n\n"
+                      "model = load_model('gemma-3-270m')\nstore_dir = f'{OUT}/wiki-l6'\n"
+                      "capture_store(model, open_source('wiki'), ['blocks.6.hook_resid_post'], store_dir,\n"
+                      "              tokens=4_000 if SMALL else 200_000)\n"
+                      "cfg = load_config(data={'store': store_dir, 'trainer': {'total_tokens': 20_480 if SMALL else 1_000_000,\n"
+                      "    'batch_size': 512 if SMALL else 1024, 'lr': 1e-3, 'lr_warmup_steps': 10,\n"
+                      "    'sparsity_warmup_steps': 20 if SMALL else 200, 'log_every': 10},\n"
+                      "    'dictionaries': [{'name': 'jumprelu', 'kind': 'jumprelu', 'd_sae': 512 if SMALL else 4096,\n"
+                      "                      'sparsity_coeff': 5e-4}]})\n"
+                      "sae_dir = train(cfg, f'{OUT}/run')['jumprelu']"),
+        new_code_cell("from scope.dashboards import StatsConfig, feature_stats\nfrom scope.dictionaries import load\n\n"
+                      "# The statistics alone, for a few features: one streaming pass over the store\n"
+                      "stats = feature_stats(load(sae_dir), ActivationStore(store_dir), '0:8', cfg=StatsConfig(top_k=5))\n"
+                      "busiest = max(stats, key=lambda s: s.count)\n"
+                      "print(f'feature {busiest.feature}: fires on {busiest.density:.2%} of {busiest.rows:,} rows, max {busiest.max:.3g}')\n"
+                      "[(e.value, model.tokenizer.decode(e.tokens)) for e in busiest.top]"),
+        new_code_cell("from scope.dashboards import publish\n\n"
+                      "site = f'{OUT}/dashboard'\n"
+                      "done = publish(sae_dir, store_dir, site, '0:32' if SMALL else '0:500', model=model,\n"
+                      "               name='Gemma 3 270M L6 JumpReLU', neuronpedia=f'{OUT}/neuronpedia')\n"
+                      "print(f'open {done.index} in a browser ({len(done.features)} features, {done.seconds:.0f} s)')"),
+        new_code_cell("import json\nimport plotly.graph_objects as go\nfrom scope.dashboards.site import histogram_figure, read_feature\n\n"
+                      "rec = read_feature(site, busiest.feature)  # the data behind a feature's page\n"
+                      "print('promotes', [t for t, _ in rec['logits']['top'][:5]], '| correlated', rec['correlated'][:3])\n"
+                      "go.Figure(histogram_figure(rec, 'notebook'))"),
+        new_code_cell("# Publishing more features into the same site adds their pages and keeps the index whole\n"
+                      "more = publish(sae_dir, store_dir, site, '32:40' if SMALL else '500:520', model=model,\n"
+                      "               name='Gemma 3 270M L6 JumpReLU', progress=False)\n"
+                      "batch = json.load(open(done.neuronpedia[0]))\n"
+                      "more.site_features, batch['model_id'], batch['layer'], sorted(batch['features'][0])[:8]"),
+    ],
     "08_gemma_scope_saes.ipynb": [
         new_markdown_cell("# Load Gemma Scope SAEs\n\nGemma Scope (Lieberum et al. 2024) ships its JumpReLU SAEs for "
                           "Gemma 2 as one `params.npz` per SAE (`W_enc [d, M]`, `W_dec [M, d]`, `b_enc`, `b_dec`, "

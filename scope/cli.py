@@ -234,9 +234,13 @@ def quickstart(
     # steps at batch 1,024 gave FVU 0.165 and 77 % CE recovered, against 0.33 and 53 % at 4,096).
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 1024,
     lm_tokens: Annotated[int, typer.Option(help="Held-out tokens for the spliced-in LM loss.")] = 1024,
+    dashboard_features: Annotated[str, typer.Option(help="Features whose dashboards are published (START:STOP).")] = "0:100",
+    dashboard_rows: Annotated[int, typer.Option(help="Store rows the dashboard pass reads.")] = 50_000,
     as_json: JsonOpt = False,
 ) -> None:
-    """The main job on the bundled Gemma 3 270M: capture layer 6, train a JumpReLU SAE, evaluate it."""
+    """The main job on the bundled Gemma 3 270M: capture layer 6, train a JumpReLU SAE, evaluate it, publish
+    its feature dashboards."""
+    from scope.dashboards import StatsConfig, parse_features, publish
     from scope.data import open_source
     from scope.dictionaries import load
     from scope.evals import evaluate
@@ -246,13 +250,16 @@ def quickstart(
     from scope.training import load_config
     from scope.training import train as run_training
 
+    parse_features(dashboard_features, d_sae)  # bad dashboard input fails now, not after training
+    if dashboard_rows <= 0:
+        raise ScopeError(f"--dashboard-rows must be positive, got {dashboard_rows}")
     t0 = time.time()
     hook = "blocks.6.hook_resid_post"
     model = load_model("gemma-3-270m")
     store_dir = str(Path(out) / "store")
-    typer.echo(f"[1/3] capturing {tokens:,} tokens of {corpus} at {hook} -> {store_dir}", err=True)
+    typer.echo(f"[1/4] capturing {tokens:,} tokens of {corpus} at {hook} -> {store_dir}", err=True)
     capture_store(model, open_source(corpus), [hook], store_dir, tokens, context=128)
-    typer.echo(f"[2/3] training a JumpReLU SAE with {d_sae:,} latents for {train_tokens:,} token-steps", err=True)
+    typer.echo(f"[2/4] training a JumpReLU SAE with {d_sae:,} latents for {train_tokens:,} token-steps", err=True)
     cfg = load_config(data={
         "store": store_dir, "hook": hook,
         "trainer": {"total_tokens": train_tokens, "batch_size": batch_size, "lr": QUICKSTART_LR,
@@ -261,10 +268,15 @@ def quickstart(
         "dictionaries": [{"name": "jumprelu", "kind": "jumprelu", "d_sae": d_sae,
                           "sparsity_coeff": QUICKSTART_SPARSITY}]})
     sae_dir = run_training(cfg, Path(out) / "sae")["jumprelu"]
-    typer.echo(f"[3/3] evaluating on held-out documents ({lm_tokens:,} tokens for the LM loss)", err=True)
+    typer.echo(f"[3/4] evaluating on held-out documents ({lm_tokens:,} tokens for the LM loss)", err=True)
     held_out = ActivationStore(store_dir).split(0.1, seed=0)[1]
     metrics = evaluate(load(sae_dir), held_out, model=model, lm_tokens=lm_tokens, name="jumprelu", progress=True)
-    result = {"out": out, "store": store_dir, "sae": str(sae_dir), "metrics": metrics,
+    site = str(Path(out) / "dashboard")
+    typer.echo(f"[4/4] publishing the dashboards of features {dashboard_features} over {dashboard_rows:,} rows "
+               f"-> {site}", err=True)
+    dash = publish(sae_dir, store_dir, site, dashboard_features, model=model, overwrite=True,
+                   cfg=StatsConfig(max_rows=dashboard_rows), name="quickstart JumpReLU SAE")
+    result = {"out": out, "store": store_dir, "sae": str(sae_dir), "metrics": metrics, "dashboard": dash.index,
               "seconds": round(time.time() - t0, 1)}
     lm = metrics.get("lm") or {}
     summary = (f"quickstart done in {result['seconds']:.0f} s\n  store: {store_dir} ({len(held_out.documents)} "
@@ -273,6 +285,7 @@ def quickstart(
     if lm:
         summary += (f", CE clean {lm['clean_ce']:.3f} -> spliced {lm['spliced_ce']:.3f} "
                     f"(delta {lm['delta_loss']:.3f} nats, {lm['ce_loss_recovered']:.1%} recovered)")
+    summary += f"\n  dashboards: {dash.index}"
     _emit(result, as_json, summary)
 
 
@@ -440,6 +453,7 @@ def pull(repo_id: str, path_in_repo: Annotated[Optional[str], typer.Argument()] 
 from scope.cli_analyze import analyze_app  # noqa: E402 (needs friendly, _emit and the option types above)
 
 app.add_typer(analyze_app, name="analyze")
+import scope.cli_dashboard  # noqa: E402,F401 (registers `scope dashboard`)
 
 from scope.cli_steer import steer_app  # noqa: E402 (as above)
 

@@ -1,4 +1,4 @@
-"""The README's main job, at tiny sizes: capture, train a JumpReLU SAE, evaluate it."""
+"""The README's main job, at tiny sizes: capture, train a JumpReLU SAE, evaluate it, publish its dashboards."""
 
 import json
 
@@ -13,7 +13,7 @@ def test_quickstart_writes_store_sae_and_metrics(gemma, tmp_path):
     out = tmp_path / "qs"
     result = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--tokens", "4000", "--d-sae", "512",
                                       "--train-tokens", "30720", "--batch-size", "512", "--lm-tokens", "128",
-                                      "--json"])
+                                      "--dashboard-features", "0:16", "--dashboard-rows", "2000", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{"):])
     assert json.loads((out / "store" / "manifest.json").read_text())["complete"]
@@ -26,3 +26,7 @@ def test_quickstart_writes_store_sae_and_metrics(gemma, tmp_path):
     assert 0 < m["l0"] < 512 and 0 <= m["fvu"] < 1 and m["d_sae"] == 512
     lm = m["lm"]
     assert lm["zero_ce"] > lm["spliced_ce"] and lm["clean_ce"] > 0
+    index = out / "dashboard" / "index.html"
+    assert report["dashboard"] == str(index) and index.exists()
+    assert index.read_text().count('class="feature-row"') == 16
+    assert (out / "dashboard" / "features" / "000015.html").exists()

@@ -86,6 +86,27 @@ def test_fsspec_memory_url_round_trip():
     assert store.info()["rows"] == 100
 
 
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_take_reads_rows_by_their_place_in_the_view_in_the_order_asked(tmp_path, where):
+    url = str(tmp_path / "s") if where == "local" else "memory://scope-test/take"
+    data = synthetic_store(url, [50, 0, 73, 40], docs_per_shard=5)
+    store = ActivationStore(url)
+    idx = [162, 0, 5, 5, 49, 50, 51, 122, 123]
+    got = store.take(idx, "x")
+    assert torch.equal(got.acts["x"], data["x"][idx]) and torch.equal(got.doc_id, data["doc_id"][idx])
+    meta = store.take(idx, hooks=[])
+    assert meta.acts == {} and torch.equal(meta.token_id, data["token_id"][idx])
+    view = store.select([1, 6, 7, 14])  # a document view numbers its own rows in store order
+    keep = torch.isin(data["doc_id"], torch.tensor([1, 6, 7, 14]))
+    ordered = torch.cat([b.acts["x"] for b in view.rows("x", batch_size=16, shuffle=False)])
+    assert torch.equal(ordered, data["x"][keep])
+    pick = [len(view) - 1, 0, 3, len(view) // 2]
+    assert torch.equal(view.take(pick, "x").acts["x"], ordered[pick])
+    with pytest.raises(ScopeError, match="row index out of range.*163 rows"):
+        store.take([163])
+    assert len(store.take([], "x").doc_id) == 0
+
+
 def test_split_by_document_and_label_filter(tmp_path):
     synthetic_store(str(tmp_path / "s"), [200, 200, 200], docs_per_shard=20)
     store = ActivationStore(str(tmp_path / "s"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -266,6 +266,54 @@ class ActivationStore:
             stop = held // batch_size * batch_size if drop_last else held
             for a in range(0, stop, batch_size):
                 yield _slice(buf, a, min(a + batch_size, held))
+
+    def take(self, index: Sequence[int] | np.ndarray | torch.Tensor, hooks: str | list[str] | None = None) -> Batch:
+        """Rows by their place in this view's store order (the order ``rows(shuffle=False)`` yields), as asked.
+
+        ``hooks=[]`` reads only token ids, document ids and positions. Each shard's rows are read in
+        file order, once per distinct row.
+        """
+        hooks = list(self.manifest.config.hooks) if hooks is None else [hooks] if isinstance(hooks, str) else hooks
+        for h in hooks:
+            self.check_hook(h)
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise ScopeError(f"row index out of range for store {self.url!r} with {len(self)} rows in this view: "
+                             f"got {int(index.min())} … {int(index.max())}")
+        names = [*hooks, *META_COLUMNS]
+        if not index.size:
+            return self._read(_Chunk(0, 0, 0), hooks)
+        wanted, inverse = np.unique(index, return_inverse=True)
+        starts, kept = self._view_rows()
+        shard = np.searchsorted(starts, wanted, side="right") - 1
+        local = wanted - starts[shard]
+        if kept is not None:  # ``wanted`` is sorted, so shard by shard keeps its order
+            local = np.concatenate([kept[s][local[shard == s]] for s in np.unique(shard)])
+        sel = np.stack([shard, local], 1)
+        got = self._gather(sel, names) if self.fs.is_local else self._read_runs(sel, names)
+        return _take(got, torch.from_numpy(inverse.reshape(-1)))
+
+    def _view_rows(self) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """Where each shard's rows start in this view's order, and (for document views) which rows it keeps."""
+        if self.docs is None:
+            sizes, kept = [s.rows for s in self.manifest.shards], None
+        else:
+            keep_docs = np.fromiter(self.docs, np.int64)
+            kept = [np.flatnonzero(np.isin(self.shard(i).read("doc_id", 0, s.rows).numpy(), keep_docs))
+                    for i, s in enumerate(self.manifest.shards)]
+            sizes = [len(k) for k in kept]
+        return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64), kept
+
+    def _read_runs(self, sel: np.ndarray, names: list[str]) -> Batch:
+        """Rows named by sorted (shard, row) pairs, read as contiguous byte ranges (remote stores)."""
+        breaks = np.flatnonzero((np.diff(sel[:, 0]) != 0) | (np.diff(sel[:, 1]) != 1)) + 1
+        parts = []
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(sel)]):
+            reader, a = self.shard(int(sel[lo, 0])), int(sel[lo, 1])
+            cols = {c: reader.read(c, a, a + hi - lo) for c in names}
+            parts.append(Batch({h: cols[h] for h in names[: -len(META_COLUMNS)]}, cols["token_id"], cols["doc_id"],
+                               cols["position"]))
+        return _cat(parts)
 
     def batches(self, hook: str, batch_size: int = 4096, **kwargs) -> Iterator[torch.Tensor]:
         """Activation batches of one hook, flattened to ``[batch, width]`` (see :meth:`rows`)."""

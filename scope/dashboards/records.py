@@ -1,0 +1,56 @@
+"""A feature's dashboard as plain JSON-ready data: what the site renders and the Neuronpedia export reads.
+
+Token ids become strings here, once per distinct id; floats are kept to 4 significant digits.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from scope.dashboards.stats import Example, FeatureStats
+
+Decode = Callable[[Sequence[int]], list[str]]
+
+
+def _f(x: float) -> float:
+    return float(f"{x:.4g}") + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def example_record(e: Example, names: dict[int, str]) -> dict[str, Any]:
+    """An example: its tokens, the feature's value at each, and which token is the example's own row."""
+    return {"row": e.row, "doc_id": e.doc_id, "position": e.position, "value": _f(e.value),
+            "focus": e.offsets.index(0), "tokens": [names[t] for t in e.tokens], "token_ids": e.tokens,
+            "values": [_f(v) for v in e.values]}
+
+
+def feature_record(s: FeatureStats, names: dict[int, str], logits: dict[str, list] | None = None) -> dict[str, Any]:
+    """Everything a feature page shows, as JSON-ready data."""
+    top = [example_record(e, names) for e in s.top]
+    firing = Counter(r["tokens"][r["focus"]] for r in top)
+    return {
+        "feature": s.feature, "rows": s.rows, "count": s.count, "density": s.density, "max": _f(s.max),
+        "mean": _f(s.mean),
+        "histogram": {"edges": [_f(x) for x in s.hist_edges], "counts": s.hist_counts},
+        "top": top,
+        "intervals": [{"lo": _f(iv.lo), "hi": _f(iv.hi), "contains": iv.contains,
+                       "examples": [example_record(e, names) for e in iv.examples]} for iv in s.intervals],
+        "top_tokens": [t for t, _ in firing.most_common(5)],
+        "logits": {k: [[t, _f(v)] for t, v in pairs] for k, pairs in (logits or {"top": [], "bottom": []}).items()},
+        "correlated": [[j, round(r, 4)] for j, r in s.correlated],
+    }
+
+
+def token_names(stats: Sequence[FeatureStats], decode: Decode) -> dict[int, str]:
+    """Strings of every token id the examples hold, decoded once each."""
+    ids = sorted({t for s in stats for e in (*s.top, *(x for iv in s.intervals for x in iv.examples))
+                  for t in e.tokens})
+    return dict(zip(ids, decode(ids)))
+
+
+def summary(record: dict[str, Any]) -> dict[str, Any]:
+    """The index row of a feature."""
+    return {"feature": record["feature"], "density": record["density"], "count": record["count"],
+            "max": record["max"], "mean": record["mean"], "top_tokens": record["top_tokens"],
+            "promotes": [t for t, _ in record["logits"]["top"][:5]]}
