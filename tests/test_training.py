@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -273,7 +274,7 @@ def test_shipped_configs_validate():
     names = sorted(p.name for p in root.glob("*.yaml"))
     assert {"gemma-3-270m-res-l6-jumprelu-4k.yaml", "gemma-3-270m-res-l6-jumprelu-16k.yaml",
             "gemma-3-270m-res-l6-topk-16k.yaml", "gemma-3-270m-res-l6-stattopk-16k.yaml"} <= set(names)
-    for p in root.glob("*.yaml"):
+    for p in [*root.glob("*.yaml"), *(root.parent / "benchmarks" / "jumprelu_ablations").glob("*.yaml")]:
         load_config(p)
 
 
@@ -289,6 +290,17 @@ def test_bad_configs_are_clear_errors(change, message):
     change(cfg)
     with pytest.raises(ScopeError, match=message):
         load_config(data=cfg)
+
+
+def test_pre_act_loss_with_a_dead_window_longer_than_the_run_warns(synth, tmp_path):
+    cfg = _cfg(synth, steps=4)
+    cfg["dictionaries"][0]["pre_act_coeff"] = 1e-5
+    with pytest.warns(UserWarning, match=r"dead_window_steps \(1000\) is not shorter than the run \(4 steps\)"):
+        train(load_config(data=cfg), tmp_path / "long", progress=False)
+    cfg["trainer"]["dead_window_steps"] = 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        train(load_config(data=cfg), tmp_path / "short", progress=False)
 
 
 def test_set_overrides_and_width_mismatch(synth, tmp_path):

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,6 +218,13 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
     total_steps = t.total_tokens // t.batch_size
     if total_steps == 0:
         raise ScopeError(f"trainer.total_tokens {t.total_tokens} is less than one batch ({t.batch_size})")
+    revived = [s.label() for s in cfg.dictionaries if getattr(s, "pre_act_coeff", 0)]
+    if revived and t.dead_window_steps >= total_steps:
+        # Every latent fires in the first, dense steps, so a window that spans the run never sees one die.
+        warnings.warn(f"{', '.join(revived)} set pre_act_coeff, but trainer.dead_window_steps ({t.dead_window_steps}) "
+                      f"is not shorter than the run ({total_steps} steps), so hardly any latent will count as dead "
+                      f"and the pre-activation loss will do nothing; set trainer.dead_window_steps to about "
+                      f"{max(1, total_steps // 10)}", stacklevel=2)
 
     runs = []
     fitted: dict[str, tuple[Whitening, InputStats]] = {}  # dictionaries with the same whitening share one fit
