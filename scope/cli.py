@@ -260,13 +260,18 @@ def quickstart(
     typer.echo(f"[1/4] capturing {tokens:,} tokens of {corpus} at {hook} -> {store_dir}", err=True)
     capture_store(model, open_source(corpus), [hook], store_dir, tokens, context=128)
     typer.echo(f"[2/4] training a JumpReLU SAE with {d_sae:,} latents for {train_tokens:,} token-steps", err=True)
+    steps = train_tokens // batch_size
+    # Dead latents are judged over a tenth of the run, but at least the 100k rows a 1e-5 frequency needs;
+    # a run too short for such a window gets no pre-activation loss (it could not act).
+    window = max(-(-100_000 // batch_size), steps // 10)
+    recipe = QUICKSTART_JUMPRELU | ({"pre_act_coeff": 1e-5} if window < steps else {})
     cfg = load_config(data={
         "store": store_dir, "hook": hook,
         "trainer": {"total_tokens": train_tokens, "batch_size": batch_size, "lr": QUICKSTART_LR,
-                    "lr_warmup_steps": 10, "sparsity_warmup_steps": max(1, train_tokens // batch_size // 4),
-                    "log_every": 10, "checkpoint_every": 50},
+                    "lr_warmup_steps": 10, "sparsity_warmup_steps": max(1, steps // 4),
+                    "log_every": 10, "checkpoint_every": 50, "dead_window_steps": window},
         "dictionaries": [{"name": "jumprelu", "kind": "jumprelu", "d_sae": d_sae,
-                          "sparsity_coeff": QUICKSTART_SPARSITY}]})
+                          "sparsity_coeff": QUICKSTART_SPARSITY, **recipe}]})
     sae_dir = run_training(cfg, Path(out) / "sae")["jumprelu"]
     typer.echo(f"[3/4] evaluating on held-out documents ({lm_tokens:,} tokens for the LM loss)", err=True)
     held_out = ActivationStore(store_dir).split(0.1, seed=0)[1]
@@ -289,9 +294,12 @@ def quickstart(
     _emit(result, as_json, summary)
 
 
-# Chosen on the quality study (docs/methods/jumprelu.md) for short CPU runs.
+# Chosen on the quality study and its ablation ladder (docs/methods/jumprelu.md) for short CPU runs:
+# Gemma Scope's defaults need far more steps than a few CPU minutes give.
 QUICKSTART_LR = 1e-3
-QUICKSTART_SPARSITY = 5e-4
+QUICKSTART_SPARSITY = 2e-4
+QUICKSTART_JUMPRELU = {"apply_b_dec_to_input": True, "init_l0": 64, "sparsity_loss": "tanh", "tanh_scale": 100,
+                       "bandwidth": 0.01}
 
 
 @app.command("eval")

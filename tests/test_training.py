@@ -297,7 +297,10 @@ def test_pre_act_loss_with_a_dead_window_longer_than_the_run_warns(synth, tmp_pa
     cfg["dictionaries"][0]["pre_act_coeff"] = 1e-5
     with pytest.warns(UserWarning, match=r"dead_window_steps \(1000\) is not shorter than the run \(4 steps\)"):
         train(load_config(data=cfg), tmp_path / "long", progress=False)
-    cfg["trainer"]["dead_window_steps"] = 2
+    cfg["trainer"]["dead_window_steps"] = 1
+    with pytest.warns(UserWarning, match=r"fewer than the 1/dead_frequency = 100,000 rows"):
+        train(load_config(data=cfg), tmp_path / "few", progress=False)
+    cfg["trainer"]["dead_window_steps"], cfg["trainer"]["dead_frequency"] = 2, 0.01
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         train(load_config(data=cfg), tmp_path / "short", progress=False)

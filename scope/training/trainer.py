@@ -219,7 +219,13 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
     if total_steps == 0:
         raise ScopeError(f"trainer.total_tokens {t.total_tokens} is less than one batch ({t.batch_size})")
     revived = [s.label() for s in cfg.dictionaries if getattr(s, "pre_act_coeff", 0)]
-    if revived and t.dead_window_steps >= total_steps:
+    if revived and t.dead_frequency > 0 and t.dead_window_steps * t.batch_size < 1 / t.dead_frequency:
+        warnings.warn(f"{', '.join(revived)} set pre_act_coeff, but trainer.dead_window_steps ({t.dead_window_steps}) "
+                      f"x batch_size ({t.batch_size}) is fewer than the 1/dead_frequency = {1 / t.dead_frequency:,.0f} "
+                      f"rows needed to call a latent dead, so the pre-activation loss will never act; set "
+                      f"trainer.dead_window_steps to at least {math.ceil(1 / t.dead_frequency / t.batch_size)}",
+                      stacklevel=2)
+    elif revived and t.dead_window_steps >= total_steps:
         # Every latent fires in the first, dense steps, so a window that spans the run never sees one die.
         warnings.warn(f"{', '.join(revived)} set pre_act_coeff, but trainer.dead_window_steps ({t.dead_window_steps}) "
                       f"is not shorter than the run ({total_steps} steps), so hardly any latent will count as dead "
