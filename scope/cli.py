@@ -249,6 +249,8 @@ def quickstart(
     from scope.store.capture import capture_store
     from scope.training import load_config
     from scope.training import train as run_training
+    from scope.training.config import TrainerSettings
+    from scope.training.trainer import dead_window_for
 
     parse_features(dashboard_features, d_sae)  # bad dashboard input fails now, not after training
     if dashboard_rows <= 0:
@@ -261,15 +263,13 @@ def quickstart(
     capture_store(model, open_source(corpus), [hook], store_dir, tokens, context=128)
     typer.echo(f"[2/4] training a JumpReLU SAE with {d_sae:,} latents for {train_tokens:,} token-steps", err=True)
     steps = train_tokens // batch_size
-    # Dead latents are judged over a tenth of the run, but at least the 100k rows a 1e-5 frequency needs;
-    # a run too short for such a window gets no pre-activation loss (it could not act).
-    window = max(-(-100_000 // batch_size), steps // 10)
-    recipe = QUICKSTART_JUMPRELU | ({"pre_act_coeff": 1e-5} if window < steps else {})
+    window = dead_window_for(batch_size, steps, TrainerSettings.model_fields['dead_frequency'].default)
+    recipe = QUICKSTART_JUMPRELU | ({"pre_act_coeff": 1e-5} if window else {})  # too short a run: it could not act
     cfg = load_config(data={
         "store": store_dir, "hook": hook,
         "trainer": {"total_tokens": train_tokens, "batch_size": batch_size, "lr": QUICKSTART_LR,
                     "lr_warmup_steps": 10, "sparsity_warmup_steps": max(1, steps // 4),
-                    "log_every": 10, "checkpoint_every": 50, "dead_window_steps": window},
+                    "log_every": 10, "checkpoint_every": 50, **({"dead_window_steps": window} if window else {})},
         "dictionaries": [{"name": "jumprelu", "kind": "jumprelu", "d_sae": d_sae,
                           "sparsity_coeff": QUICKSTART_SPARSITY, **recipe}]})
     sae_dir = run_training(cfg, Path(out) / "sae")["jumprelu"]

@@ -37,14 +37,15 @@ def dashboard_publish(
     as_json: JsonOpt = False,
 ) -> None:
     """Compute feature dashboards from a store in one pass and publish them as a static site."""
+    from pydantic import ValidationError
+
     from scope.dashboards import StatsConfig, publish
     from scope.errors import ScopeError
 
     try:
         cfg = StatsConfig(top_k=top_k, intervals=intervals, per_interval=per_interval, left=left, right=right,
-                          correlated=correlated, max_rows=max_rows, batch_size=batch_size,
-                          sample=max(200, 4 * intervals * per_interval))
-    except ValueError as err:
+                          correlated=correlated, max_rows=max_rows, batch_size=batch_size)
+    except ValidationError as err:
         first = err.errors()[0]
         raise ScopeError(f"--{str(first['loc'][0]).replace('_', '-')} {first['input']!r} is not accepted: "
                          f"{first['msg'].lower()}") from None

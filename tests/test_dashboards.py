@@ -457,3 +457,9 @@ def test_quickstart_refuses_bad_dashboard_input_before_any_work(tmp_path):
         result = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path / "qs"), *args])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "qs").exists()
+
+
+def test_the_interval_sample_scales_with_what_the_intervals_show():
+    # one rule for the CLI, publish() and the quickstart, so their sites' settings agree
+    assert StatsConfig().sample == 200 and StatsConfig(intervals=20, per_interval=5).sample == 400
+    assert StatsConfig(sample=50).sample == 50

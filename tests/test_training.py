@@ -19,6 +19,7 @@ from scope.dictionaries import build, load
 from scope.dictionaries.jumprelu import JumpReLUFn, StepFn
 from scope.dictionaries.topk import statistical_threshold
 from scope.errors import ScopeError
+from scope.training.trainer import dead_window_for
 from scope.training import load_config, train
 
 from test_store import synthetic_store
@@ -295,15 +296,17 @@ def test_bad_configs_are_clear_errors(change, message):
 def test_pre_act_loss_with_a_dead_window_longer_than_the_run_warns(synth, tmp_path):
     cfg = _cfg(synth, steps=4)
     cfg["dictionaries"][0]["pre_act_coeff"] = 1e-5
-    with pytest.warns(UserWarning, match=r"dead_window_steps \(1000\) is not shorter than the run \(4 steps\)"):
+    with pytest.warns(UserWarning, match=r"dead window of 1000 steps \(the whole run\)"):
         train(load_config(data=cfg), tmp_path / "long", progress=False)
     cfg["trainer"]["dead_window_steps"] = 1
-    with pytest.warns(UserWarning, match=r"fewer than the 1/dead_frequency = 100,000 rows"):
+    with pytest.warns(UserWarning, match=r"fewer than the 1/dead_frequency rows.*too short"):
         train(load_config(data=cfg), tmp_path / "few", progress=False)
     cfg["trainer"]["dead_window_steps"], cfg["trainer"]["dead_frequency"] = 2, 0.01
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         train(load_config(data=cfg), tmp_path / "short", progress=False)
+    assert dead_window_for(1024, 585, 1e-5) == 98 and dead_window_for(4096, 488, 1e-5) == 48
+    assert dead_window_for(512, 60, 1e-5) is None
 
 
 def test_set_overrides_and_width_mismatch(synth, tmp_path):

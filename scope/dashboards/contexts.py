@@ -14,12 +14,12 @@ import numpy as np
 from scope.store.reader import ActivationStore
 
 if TYPE_CHECKING:  # stats.py calls in here at the end of its pass
-    from scope.dashboards.stats import Example, FeatureStats
+    from scope.dashboards.stats import FeatureStats
 
 
 def attach_tokens(store: ActivationStore, stats: list[FeatureStats], rows: int) -> None:
     """Fill every example's token ids, document and position, and drop context rows outside its window."""
-    examples = [e for s in stats for e in _all_examples(s)]
+    examples = [e for s in stats for e in s.examples()]
     if not examples:
         return
     offsets = np.asarray(examples[0].offsets, dtype=np.int64)
@@ -36,6 +36,3 @@ def attach_tokens(store: ActivationStore, stats: list[FeatureStats], rows: int) 
         e.tokens = t[ok].tolist()
         e.doc_id, e.position = int(d), int(p)
 
-
-def _all_examples(s: FeatureStats) -> list[Example]:
-    return [*s.top, *(e for iv in s.intervals for e in iv.examples)]

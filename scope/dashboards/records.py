@@ -44,8 +44,7 @@ def feature_record(s: FeatureStats, names: dict[int, str], logits: dict[str, lis
 
 def token_names(stats: Sequence[FeatureStats], decode: Decode) -> dict[int, str]:
     """Strings of every token id the examples hold, decoded once each."""
-    ids = sorted({t for s in stats for e in (*s.top, *(x for iv in s.intervals for x in iv.examples))
-                  for t in e.tokens})
+    ids = sorted({t for s in stats for e in s.examples() for t in e.tokens})
     return dict(zip(ids, decode(ids)))
 
 

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from scope.dashboards.contexts import attach_tokens
@@ -52,7 +52,8 @@ class StatsConfig(BaseModel):
     top_k: int = Field(20, ge=1, description="top activating examples")
     intervals: int = Field(10, ge=1, description="quantile intervals of the firing activations")
     per_interval: int = Field(5, ge=0, description="examples shown per interval")
-    sample: int = Field(200, ge=0, description="uniform sample of firing rows the intervals draw from")
+    sample: int | None = Field(None, ge=0, description="uniform sample of firing rows the intervals draw from "
+                                                      "(default: 4 per example shown, at least 200)")
     left: int = Field(12, ge=0, description="context rows before an example")
     right: int = Field(4, ge=0, description="context rows after an example")
     bins: int = Field(256, ge=2, description="histogram bins over [0, hi) (a power of two)")
@@ -60,6 +61,12 @@ class StatsConfig(BaseModel):
     max_rows: int | None = Field(None, gt=0, description="stop after this many rows of the store")
     batch_size: int | None = Field(None, gt=0, description="rows per step (default: by dictionary width)")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _default_sample(self) -> StatsConfig:
+        if self.sample is None:  # the intervals draw from this sample, so it scales with what they show
+            self.sample = max(200, 4 * self.intervals * self.per_interval)
+        return self
 
 
 @dataclass
@@ -101,6 +108,10 @@ class FeatureStats:
     @property
     def density(self) -> float:
         return self.count / self.rows if self.rows else 0.0
+
+    def examples(self) -> list[Example]:
+        """The top examples, then every interval's."""
+        return [*self.top, *(e for iv in self.intervals for e in iv.examples)]
 
 
 class _Best:
@@ -383,9 +394,12 @@ def _summarise(acc: _Pass, chosen: list[int], cfg: StatsConfig) -> list[FeatureS
     corr = acc.correlations()
     top = _examples(acc.top, cfg)
     sample = _examples(acc.sample, cfg)
-    sample_bins = {i: hist.bin_of(torch.full((len(s),), i, device=hist.hi.device),
-                                  torch.tensor([e.value for e in s], device=hist.hi.device)).cpu().tolist()
-                   for i, s in enumerate(sample) if s}
+    owner = [i for i, s in enumerate(sample) for _ in s]  # every sampled example's bin in one device call
+    flat = hist.bin_of(torch.tensor(owner, dtype=torch.long, device=hist.hi.device),
+                       torch.tensor([e.value for s in sample for e in s], device=hist.hi.device)).cpu().tolist()
+    sample_bins: dict[int, list[int]] = {}
+    for i, b in zip(owner, flat):
+        sample_bins.setdefault(i, []).append(b)
     out = []
     for i, f in enumerate(chosen):
         n_fire = int(count[i])

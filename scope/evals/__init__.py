@@ -52,11 +52,9 @@ def evaluate_many(
     if device is None and model is not None:
         device = model.device  # keep the SAEs next to the model they will be spliced into
     outs: dict[str, dict[str, Any]] = {}
-    hooks: dict[str, str] = {}
     for name, sae in saes.items():
         recon = reconstruction_metrics(sae, store, hook=hook, max_rows=max_rows, batch_size=batch_size,
                                        device=device, dense_threshold=dense_threshold)
-        hooks[name] = recon.hook
         outs[name] = {"name": name, "kind": sae.cfg.kind, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
                       "store": store.url, "documents": len(store.documents),
                       **recon.to_dict(frequencies=frequencies), "lm": None}
@@ -70,13 +68,10 @@ def evaluate_many(
             for out in outs.values():
                 out["lm_error"] = str(err)
             return list(outs.values())
-    by_hook: dict[str, dict[str, Dictionary]] = {}
-    for name, sae in saes.items():
-        by_hook.setdefault(hooks[name], {})[name] = sae
-    for h, group in by_hook.items():
-        for name, lm in spliced_lm_losses(group, model, store, hook=h, max_tokens=lm_tokens,
-                                          batch_size=lm_batch_size, progress=progress).items():
-            outs[name]["lm"] = lm.to_dict()
+    lms = spliced_lm_losses(saes, model, store, hook=hook, max_tokens=lm_tokens, batch_size=lm_batch_size,
+                            progress=progress)  # one set of windows, grouped by hook inside
+    for name, lm in lms.items():
+        outs[name]["lm"] = lm.to_dict()
     return list(outs.values())
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from scope.data import Window, pad_token_id
 from scope.dictionaries.base import Dictionary
 from scope.errors import ScopeError
+from scope.evals.reconstruction import resolve_hook
 from scope.hooks import check_hooks
 from scope.models import LoadedModel
 from scope.store.reader import ActivationStore
@@ -178,10 +179,7 @@ def spliced_lm_losses(
         raise ScopeError(f"the language-model loss needs at least 2 tokens, got max_tokens={max_tokens}")
     by_hook: dict[str, dict[str, Dictionary]] = {}
     for name, sae in saes.items():
-        h = hook or sae.cfg.hook or (next(iter(store.hooks)) if len(store.hooks) == 1 else None)
-        if h is None:
-            raise ScopeError(f"SAE {name!r} does not name its hook and store {store.url!r} holds several; pass hook=")
-        by_hook.setdefault(h, {})[name] = sae
+        by_hook.setdefault(resolve_hook(sae, store, hook), {})[name] = sae
     cfg = store.manifest.config
     if cfg.model != model.spec:
         warnings.warn(f"store {store.url!r} was captured from {cfg.model!r}; evaluating on {model.spec!r}",

@@ -75,6 +75,13 @@ class Trained:
 DEAD_BLOCKS = 10
 
 
+def dead_window_for(batch_size: int, total_steps: int, frequency: float) -> int | None:
+    """A dead-latent window for this run: a tenth of it, but at least the 1/frequency rows that can tell a
+    latent is dead; None when the run is too short for such a window."""
+    window = max(math.ceil(1 / (frequency * batch_size)) if frequency > 0 else 1, total_steps // 10)
+    return window if window < total_steps else None
+
+
 def lr_at(step: int, total: int, cfg) -> float:
     """Linear warm-up over ``lr_warmup_steps``, constant, then linear decay to 0 from ``lr_decay_start``."""
     warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
@@ -218,19 +225,16 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
     total_steps = t.total_tokens // t.batch_size
     if total_steps == 0:
         raise ScopeError(f"trainer.total_tokens {t.total_tokens} is less than one batch ({t.batch_size})")
-    revived = [s.label() for s in cfg.dictionaries if getattr(s, "pre_act_coeff", 0)]
-    if revived and t.dead_frequency > 0 and t.dead_window_steps * t.batch_size < 1 / t.dead_frequency:
-        warnings.warn(f"{', '.join(revived)} set pre_act_coeff, but trainer.dead_window_steps ({t.dead_window_steps}) "
-                      f"x batch_size ({t.batch_size}) is fewer than the 1/dead_frequency = {1 / t.dead_frequency:,.0f} "
-                      f"rows needed to call a latent dead, so the pre-activation loss will never act; set "
-                      f"trainer.dead_window_steps to at least {math.ceil(1 / t.dead_frequency / t.batch_size)}",
+    revived = [s.label() for s in cfg.dictionaries if s.pre_act_coeff]
+    too_few_rows = t.dead_window_steps * t.batch_size * t.dead_frequency < 1
+    # Every latent fires in the first, dense steps, so a window that spans the run never sees one die.
+    if revived and (too_few_rows or t.dead_window_steps >= total_steps):
+        fit = dead_window_for(t.batch_size, total_steps, t.dead_frequency)
+        warnings.warn(f"{', '.join(revived)} set pre_act_coeff, but a dead window of {t.dead_window_steps} steps "
+                      f"({'fewer than the 1/dead_frequency rows that tell a dead latent' if too_few_rows else 'the whole run'}) "
+                      "lets it do nothing; "
+                      + (f"set trainer.dead_window_steps to {fit}" if fit else "this run is too short for it"),
                       stacklevel=2)
-    elif revived and t.dead_window_steps >= total_steps:
-        # Every latent fires in the first, dense steps, so a window that spans the run never sees one die.
-        warnings.warn(f"{', '.join(revived)} set pre_act_coeff, but trainer.dead_window_steps ({t.dead_window_steps}) "
-                      f"is not shorter than the run ({total_steps} steps), so hardly any latent will count as dead "
-                      f"and the pre-activation loss will do nothing; set trainer.dead_window_steps to about "
-                      f"{max(1, total_steps // 10)}", stacklevel=2)
 
     runs = []
     fitted: dict[str, tuple[Whitening, InputStats]] = {}  # dictionaries with the same whitening share one fit
