@@ -22,11 +22,17 @@ def hook_names(model: LoadedModel) -> list[str]:
     return list(model.bridge.hook_dict.keys())
 
 
+def block_of(name: str) -> int | None:
+    """The block number in a hook name such as ``blocks.6.hook_resid_post``; None outside the blocks."""
+    m = _BLOCK.match(name)
+    return int(m.group(1)) if m else None
+
+
 def hook_layer(name: str, n_layers: int) -> int:
     """Block index a hook belongs to: -1 for embedding hooks, ``n_layers`` for the final norm/unembed."""
-    m = _BLOCK.match(name)
-    if m:
-        return int(m.group(1))
+    block = block_of(name)
+    if block is not None:
+        return block
     if name.startswith(("embed", "hook_embed", "hook_pos_embed", "rotary_emb")):
         return -1
     return n_layers

@@ -28,11 +28,11 @@ firing row within its captured window), ``values`` the feature's activation at e
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
-from scope.dashboards.site import SITE_META, read_feature, read_index, safe_name
+from scope.dashboards.site import SITE_META, feature_data, read_index, safe_name
 from scope.errors import ScopeError
+from scope.hooks import block_of
 from scope.store.fs import StoreFS
 
 BATCH_FEATURES = 128
@@ -67,10 +67,10 @@ def _activation(e: dict[str, Any], lo: float, hi: float, contains: float) -> dic
 
 def layer_of(hook: str) -> int:
     """The block number in a hook name such as blocks.6.hook_resid_post."""
-    m = re.match(r"blocks\.(\d+)\.", hook)
-    if not m:
+    block = block_of(hook)
+    if block is None:
         raise ScopeError(f"hook {hook!r} names no block (blocks.L....); Neuronpedia needs a layer number")
-    return int(m.group(1))
+    return block
 
 
 def write_neuronpedia(site: str, out: str, batch_features: int = BATCH_FEATURES) -> list[str]:
@@ -86,10 +86,11 @@ def write_neuronpedia(site: str, out: str, batch_features: int = BATCH_FEATURES)
     dest = StoreFS(out)
     dest.makedirs()
     written = []
+    head = {"model_id": meta["model"].rsplit("/", 1)[-1], "layer": layer_of(meta["hook"]),
+            "sae_set": safe_name(meta["name"]), "sae_id_suffix": None}
     for n, a in enumerate(range(0, len(features), batch_features)):
-        batch = {"model_id": meta["model"].rsplit("/", 1)[-1], "layer": layer_of(meta["hook"]),
-                 "sae_set": safe_name(meta["name"]), "sae_id_suffix": None,
-                 "features": [neuronpedia_feature(read_feature(site, f), meta) for f in features[a : a + batch_features]]}
+        batch = {**head, "features": [neuronpedia_feature(json.loads(fs.read_bytes(feature_data(f))), meta)
+                                      for f in features[a : a + batch_features]]}
         dest.write_atomic(f"batch-{n}.json", json.dumps(batch).encode())
         written.append(dest.path(f"batch-{n}.json"))
     return written

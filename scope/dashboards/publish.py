@@ -19,13 +19,14 @@ from typing import Any
 import torch
 
 from scope.analysis.logit_lens import feature_tokens
+from scope.dashboards.neuronpedia import write_neuronpedia
 from scope.dashboards.records import feature_record, summary, token_names
 from scope.dashboards.site import SITE_FORMAT, SITE_META, SITE_VERSION, read_index, render_site
 from scope.dashboards.stats import StatsConfig, dictionary_hook, feature_stats, parse_features
 from scope.dictionaries.base import Dictionary
 from scope.dictionaries.interop import load_any
 from scope.errors import ScopeError
-from scope.models import LoadedModel
+from scope.models import LoadedModel, default_device
 from scope.store.fs import StoreFS
 from scope.store.reader import ActivationStore
 from scope.store.windows import load_store_model
@@ -101,8 +102,7 @@ def _check_site(out: str, meta: dict[str, Any], overwrite: bool) -> None:
                          "--out folder, or pass --overwrite to start this site afresh")
     if diff or overwrite:
         for rel in ("features", "data", "index.html", SITE_META):
-            if fs.exists(rel):
-                fs.fs.rm(fs.path(rel), recursive=True)
+            fs.remove(rel, recursive=True)
 
 
 def publish(sae: Dictionary | str | Path, store: ActivationStore | str, out: str,
@@ -111,9 +111,6 @@ def publish(sae: Dictionary | str | Path, store: ActivationStore | str, out: str
             device: str | torch.device | None = None, neuronpedia: str | None = None,
             progress: bool = True) -> Published:
     """Compute the dashboards of ``features`` (default: all) over ``store`` and write them into site ``out``."""
-    from scope.dashboards.neuronpedia import write_neuronpedia
-    from scope.models import default_device
-
     t0 = time.time()
     cfg = cfg or StatsConfig()
     dev = default_device(device)

@@ -152,4 +152,5 @@ def read_index(out: str) -> dict[int, dict[str, Any]]:
 
 
 def read_feature(out: str, feature: int) -> dict[str, Any]:
+    """The data behind one feature's page of an existing site."""
     return json.loads(StoreFS(out).read_bytes(feature_data(feature)))

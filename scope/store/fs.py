@@ -59,9 +59,10 @@ class StoreFS:
         else:
             self.fs.mv(self.path(tmp), self.path(rel))
 
-    def remove(self, rel: str) -> None:
+    def remove(self, rel: str, recursive: bool = False) -> None:
+        """Delete a file (or, with ``recursive``, a folder) if it is there."""
         if self.exists(rel):
-            self.fs.rm(self.path(rel))
+            self.fs.rm(self.path(rel), recursive=recursive)
 
 
 def replace_folder(parent: Path, name: str, fill: Callable[[Path], None]) -> None:

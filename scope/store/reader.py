@@ -173,9 +173,7 @@ class ActivationStore:
         gathered once from the memory-mapped shards; remote stores mix the rows themselves, in
         about ``2 * buffer_rows`` rows of memory. Rows within a batch come in store order.
         """
-        hooks = list(self.manifest.config.hooks) if hooks is None else [hooks] if isinstance(hooks, str) else hooks
-        for h in hooks:
-            self.check_hook(h)
+        hooks = self._checked_hooks(hooks)
         if batch_size <= 0 or buffer_rows < batch_size:
             raise ScopeError(f"need 0 < batch_size <= buffer_rows, got batch_size={batch_size}, buffer_rows={buffer_rows}")
         out_dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
@@ -267,15 +265,20 @@ class ActivationStore:
             for a in range(0, stop, batch_size):
                 yield _slice(buf, a, min(a + batch_size, held))
 
+    def _checked_hooks(self, hooks: str | list[str] | None) -> list[str]:
+        """``hooks`` as a list (None: every hook of the store), each one checked to exist."""
+        hooks = list(self.manifest.config.hooks) if hooks is None else [hooks] if isinstance(hooks, str) else hooks
+        for h in hooks:
+            self.check_hook(h)
+        return hooks
+
     def take(self, index: Sequence[int] | np.ndarray | torch.Tensor, hooks: str | list[str] | None = None) -> Batch:
         """Rows by their place in this view's store order (the order ``rows(shuffle=False)`` yields), as asked.
 
         ``hooks=[]`` reads only token ids, document ids and positions. Each shard's rows are read in
         file order, once per distinct row.
         """
-        hooks = list(self.manifest.config.hooks) if hooks is None else [hooks] if isinstance(hooks, str) else hooks
-        for h in hooks:
-            self.check_hook(h)
+        hooks = self._checked_hooks(hooks)
         index = np.asarray(index, dtype=np.int64).reshape(-1)
         if index.size and (index.min() < 0 or index.max() >= len(self)):
             raise ScopeError(f"row index out of range for store {self.url!r} with {len(self)} rows in this view: "
