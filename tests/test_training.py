@@ -228,7 +228,12 @@ def _run(cfg: dict, out: Path) -> subprocess.Popen:
 
 
 def test_killed_training_resumes_to_the_same_weights(synth, tmp_path):
+    # 40 steps of 256 rows is 2.5 epochs of the ~4,000 training rows: the kill and the resume cross epochs.
     cfg = _cfg(synth, steps=40, checkpoint_every=8)
+    cfg["dictionaries"] += [
+        {"name": "gs2", "kind": "jumprelu", "d_sae": 64, "sparsity_coeff": 1.0, "sparsity_loss": "quadratic",
+         "target_l0": 8, "freq_coeff": 1.0, "freq_max": 0.05, "matryoshka_widths": [8, 32]},
+        {"name": "mbtk", "kind": "topk", "d_sae": 64, "k": 4, "selection": "batch", "matryoshka_widths": [8, 32]}]
     killed = tmp_path / "killed"
     proc = _run(cfg, killed)
     deadline = time.time() + 300
@@ -240,7 +245,7 @@ def test_killed_training_resumes_to_the_same_weights(synth, tmp_path):
     assert not (killed / "jumprelu-64-l0.01").exists(), "killed before the end"
     assert _run(cfg, killed).wait() == 0
     assert _run(cfg, tmp_path / "clean").wait() == 0
-    for name in ("jumprelu-64-l0.01", "topk-64-k4"):
+    for name in ("jumprelu-64-l0.01", "topk-64-k4", "gs2", "mbtk"):
         a = load_file(str(killed / name / "weights.safetensors"))
         b = load_file(str(tmp_path / "clean" / name / "weights.safetensors"))
         for k in a:

@@ -11,6 +11,16 @@ Scope" (arXiv 2408.05147), Sec. 3 (training recipe). See docs/methods/jumprelu.m
 H has zero derivative almost everywhere, so θ is trained through pseudo-derivatives built from the
 rectangle kernel K(u) = 1[|u| ≤ ½]:  ∂/∂θ [z H(z − θ)] := −(θ/ε) K((z − θ)/ε) and
 ∂/∂θ H(z − θ) := −(1/ε) K((z − θ)/ε). The second is the exact derivative of the step smoothed by K.
+
+Gemma Scope 2 (Google DeepMind, December 2025) trains its JumpReLU SAEs with three more terms, each an
+option here (see docs/methods/jumprelu.md for the forms and why each was chosen):
+
+* a quadratic L0 penalty towards a target, ``sparsity_loss="quadratic"``: λ (L0/L0_target − 1)², with L0
+  the batch's mean count of active latents through the step pseudo-derivative above;
+* a frequency penalty against dense latents, ``freq_coeff`` λ_f: λ_f Σᵢ max(0, pᵢ − p_max)², pᵢ the
+  fraction of the batch's rows on which latent i fires (same pseudo-derivative), p_max = ``freq_max``;
+* the Matryoshka reconstruction loss over nested prefixes of the latents, ``matryoshka_widths``
+  (scope/dictionaries/matryoshka.py).
 """
 
 from __future__ import annotations
@@ -21,8 +31,11 @@ import torch
 from torch import nn
 
 from scope.dictionaries.base import Dictionary, DictionaryConfig
+from pydantic import model_validator
+
 from scope.dictionaries.losses import LossParts
-from scope.dictionaries.sparse import GatheredPre, SparseDecode, pairs
+from scope.dictionaries.matryoshka import dense_reconstruction, prefix_ends, sparse_reconstruction
+from scope.dictionaries.sparse import GatheredPre, pairs
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -74,10 +87,22 @@ class JumpReLUConfig(DictionaryConfig):
     kind: Literal["jumprelu"] = "jumprelu"
     bandwidth: float = 0.001  # ε, in the normalised units where E‖x‖² = 1
     threshold_init: float = 0.001
-    # "step": Gemma Scope's λ‖f‖₀; "tanh": λ Σᵢ tanh(c·fᵢ‖W_dec,ᵢ‖), Anthropic's smooth stand-in for it.
-    sparsity_loss: Literal["step", "tanh"] = "step"
+    # "step": Gemma Scope's λ‖f‖₀; "tanh": λ Σᵢ tanh(c·fᵢ‖W_dec,ᵢ‖), Anthropic's smooth stand-in for it;
+    # "quadratic": Gemma Scope 2's λ (L0/target_l0 − 1)².
+    sparsity_loss: Literal["step", "tanh", "quadratic"] = "step"
     tanh_scale: float = 4.0  # c
+    target_l0: float | None = None  # the L0 the quadratic penalty pulls towards
     pre_act_coeff: float = 0.0  # λ_P of the pre-activation loss on dead latents (0: off, as in Gemma Scope)
+    freq_coeff: float = 0.0  # λ_f of the frequency penalty (0: off)
+    freq_max: float = 0.1  # p_max: firing fraction above which a latent is penalised
+    matryoshka_widths: list[int] | None = None  # nested prefixes that must each reconstruct x
+
+    @model_validator(mode="after")
+    def _target_for_quadratic(self) -> "JumpReLUConfig":
+        if self.sparsity_loss == "quadratic" and not (self.target_l0 and 0 < self.target_l0 < self.d_sae):
+            raise ValueError(f"sparsity_loss 'quadratic' needs target_l0 in (0, d_sae={self.d_sae}), "
+                             f"got {self.target_l0}")
+        return self
 
 
 class JumpReLU(Dictionary):
@@ -91,6 +116,7 @@ class JumpReLU(Dictionary):
         # θ is trained directly (not in log space): Adam then moves it by about the learning rate
         # per step, so short runs reach thresholds of the pre-activations' scale.
         self.threshold = nn.Parameter(torch.full((cfg.d_sae,), float(cfg.threshold_init)))
+        self.prefix_ends = prefix_ends(cfg.matryoshka_widths, cfg.d_sae)
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -118,11 +144,23 @@ class JumpReLU(Dictionary):
         self.threshold.copy_(pre.kthvalue(k, dim=0).values.clamp_min(self.cfg.bandwidth))
 
     def _sparsity(self, f: torch.Tensor, z: torch.Tensor, theta: torch.Tensor, dec_norm: torch.Tensor,
-                  rows: int) -> torch.Tensor:
-        """The sparsity term per row: Σᵢ H(zᵢ − θᵢ) (step) or Σᵢ tanh(c·fᵢ‖W_dec,ᵢ‖) (tanh)."""
-        if self.cfg.sparsity_loss == "tanh":
-            return torch.tanh(self.cfg.tanh_scale * f * dec_norm).sum() / rows
-        return StepFn.apply(z, theta, self.cfg.bandwidth).sum() / rows
+                  rows: int, cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """(sparsity term before λ, weighted frequency penalty) for codes ``f`` of pre-activations ``z``.
+
+        ``z`` is either dense ``[rows, d_sae]`` or the gathered pairs whose latents ``cols`` names.
+        """
+        cfg = self.cfg
+        step = StepFn.apply(z, theta, cfg.bandwidth) if cfg.sparsity_loss != "tanh" or cfg.freq_coeff else None
+        if cfg.sparsity_loss == "tanh":
+            sparsity = torch.tanh(cfg.tanh_scale * f * dec_norm).sum() / rows
+        else:
+            l0 = step.sum() / rows
+            sparsity = l0 if cfg.sparsity_loss == "step" else (l0 / cfg.target_l0 - 1).pow(2)
+        if not cfg.freq_coeff:
+            return sparsity, 0.0
+        fired = step.sum(0) if cols is None else \
+            torch.zeros(cfg.d_sae, dtype=step.dtype, device=step.device).index_add(0, cols, step)
+        return sparsity, cfg.freq_coeff * torch.relu(fired / rows - cfg.freq_max).pow(2).sum()
 
     def _pre_act(self, xin: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor | float:
         """λ_P · Σ over dead latents of ReLU(θᵢ − zᵢ)‖W_dec,ᵢ‖, per row: pulls latents that stopped firing back
@@ -163,22 +201,20 @@ class JumpReLU(Dictionary):
         z = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, rows, cols)
         th = theta[cols]
         f = JumpReLUFn.apply(z, th, eps)
-        err = xs - (SparseDecode.apply(f, self.W_dec, rows, cols, x.shape[0]) + self.b_dec)
-        mse = err.pow(2).sum(-1).mean()
-        sparsity = self._sparsity(f, z, th, self.W_dec.norm(dim=1)[cols], x.shape[0])
+        rec = sparse_reconstruction(xs, f, self.W_dec, self.b_dec, rows, cols, self.prefix_ends)
+        sparsity, freq = self._sparsity(f, z, th, self.W_dec.norm(dim=1)[cols], x.shape[0], cols)
         active = z.detach() > th
         counts = torch.bincount(cols[active], minlength=self.cfg.d_sae)
-        return LossParts(loss=mse + sparsity_coeff * sparsity + self._pre_act(xin, dead), mse=mse,
+        return LossParts(loss=rec.loss + sparsity_coeff * sparsity + freq + self._pre_act(xin, dead), mse=rec.mse,
                          l0=active.sum() / x.shape[0], counts=counts)
 
     def _dense_loss(self, x: torch.Tensor, sparsity_coeff: float, dead: torch.Tensor | None = None) -> LossParts:
         xs = x.to(self.W_enc.dtype) * self.input_scale
         xin = xs - self.b_dec if self.cfg.apply_b_dec_to_input else xs
         pre = xin @ self.W_enc + self.b_enc
-        theta = self.threshold.float()
-        f = JumpReLUFn.apply(pre, theta.to(pre.dtype), self.cfg.bandwidth)
-        err = xs - (f @ self.W_dec + self.b_dec)
-        mse = err.pow(2).sum(-1).mean()
-        sparsity = self._sparsity(f, pre, theta.to(pre.dtype), self.W_dec.norm(dim=1), x.shape[0])
-        return LossParts(loss=mse + sparsity_coeff * sparsity + self._pre_act(xin, dead), mse=mse, l0=(f != 0).sum(-1).float().mean(),
-                         counts=(f != 0).sum(0), codes=f.detach())
+        theta = self.threshold.float().to(pre.dtype)
+        f = JumpReLUFn.apply(pre, theta, self.cfg.bandwidth)
+        rec = dense_reconstruction(xs, f, self.W_dec, self.b_dec, self.prefix_ends)
+        sparsity, freq = self._sparsity(f, pre, theta, self.W_dec.norm(dim=1), x.shape[0])
+        return LossParts(loss=rec.loss + sparsity_coeff * sparsity + freq + self._pre_act(xin, dead), mse=rec.mse,
+                         l0=(f != 0).sum(-1).float().mean(), counts=(f != 0).sum(0), codes=f.detach())

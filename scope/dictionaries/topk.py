@@ -7,7 +7,9 @@ dead latents, weighted 1/32); Bussmann et al. 2024, "BatchTopK Sparse Autoencode
 threshold estimated during training; You et al. 2025, "Spark Transformer" (arXiv 2506.06644),
 statistical top-k: per row, keep entries above mean + std · Φ⁻¹(1 − k/M) of the row's
 pre-activations, which needs no sort and runs in linear time (exact when pre-activations are
-Gaussian).
+Gaussian). ``matryoshka_widths`` adds the Matryoshka loss (scope/dictionaries/matryoshka.py); a
+BatchTopK SAE infers with one threshold, so :meth:`TopK.as_jumprelu` turns it into the JumpReLU SAE
+it is at inference, as SAELens saves its (Matryoshka) BatchTopK SAEs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import Literal
 import torch
 
 from scope.dictionaries.base import Dictionary, DictionaryConfig
+from scope.dictionaries.jumprelu import JumpReLU, JumpReLUConfig
 from scope.dictionaries.losses import LossParts
+from scope.dictionaries.matryoshka import dense_reconstruction, prefix_ends, sparse_reconstruction
 from scope.dictionaries.sparse import GatheredPre, SparseDecode, pairs
 
 
@@ -30,6 +34,7 @@ class TopKConfig(DictionaryConfig):
     aux_k: int | None = None  # default: d_in // 2, as in Gao et al.
     aux_coeff: float = 1 / 32
     dead_after_tokens: int = 1_000_000
+    matryoshka_widths: list[int] | None = None  # nested prefixes that must each reconstruct x
 
 
 def statistical_threshold(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -47,6 +52,7 @@ class TopK(Dictionary):
         # BatchTopK's inference threshold: running mean of the smallest kept activation per batch.
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long))
+        self.prefix_ends = prefix_ends(cfg.matryoshka_widths, cfg.d_sae)
 
     def _select(self, pre: torch.Tensor, training: bool) -> torch.Tensor:
         k, sel = self.cfg.k, self.cfg.selection
@@ -91,25 +97,35 @@ class TopK(Dictionary):
             pre = (xin @ self.W_enc + self.b_enc).float()
             rows, cols = self._selected_pairs(pre)
         f = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, rows, cols)
-        err = xs - (SparseDecode.apply(f, self.W_dec, rows, cols, x.shape[0]) + self.b_dec)
-        mse = err.pow(2).sum(-1).mean()
+        rec = sparse_reconstruction(xs, f, self.W_dec, self.b_dec, rows, cols, self.prefix_ends)
         counts = torch.bincount(cols, minlength=self.cfg.d_sae)
         self._track(counts > 0, x.shape[0], f.detach())
-        aux = self._aux_loss(pre, err, lambda r, c: (GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, r, c), r, c))
-        total = mse if aux is None else mse + self.cfg.aux_coeff * aux
-        return LossParts(loss=total, mse=mse, l0=torch.tensor(len(rows) / x.shape[0]), counts=counts, aux=aux)
+        aux = self._aux_loss(pre, rec.err,
+                             lambda r, c: (GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, r, c), r, c))
+        total = rec.loss if aux is None else rec.loss + self.cfg.aux_coeff * aux
+        return LossParts(loss=total, mse=rec.mse, l0=torch.tensor(len(rows) / x.shape[0]), counts=counts, aux=aux)
 
     def _dense_loss(self, x: torch.Tensor) -> LossParts:
         pre = self.pre_acts(x)
         f = self._select(pre, training=True)
-        err = x.to(pre.dtype) * self.input_scale - (f @ self.W_dec + self.b_dec)
-        mse = err.pow(2).sum(-1).mean()
+        rec = dense_reconstruction(x.to(pre.dtype) * self.input_scale, f, self.W_dec, self.b_dec, self.prefix_ends)
         counts = (f > 0).sum(0)
         self._track(counts > 0, x.shape[0], f[f > 0].detach())
-        aux = self._aux_loss(pre, err)
-        total = mse if aux is None else mse + self.cfg.aux_coeff * aux
-        return LossParts(loss=total, mse=mse, l0=(f > 0).float().sum(-1).mean(), counts=counts, aux=aux,
+        aux = self._aux_loss(pre, rec.err)
+        total = rec.loss if aux is None else rec.loss + self.cfg.aux_coeff * aux
+        return LossParts(loss=total, mse=rec.mse, l0=(f > 0).float().sum(-1).mean(), counts=counts, aux=aux,
                          codes=f.detach())
+
+    @torch.no_grad()
+    def as_jumprelu(self) -> Dictionary:
+        """The JumpReLU SAE that gives this BatchTopK SAE's inference codes: every θᵢ = the batch threshold."""
+        if self.cfg.selection != "batch":
+            raise ValueError(f"only a BatchTopK SAE infers with one threshold; this one selects {self.cfg.selection!r}")
+        keep = self.cfg.model_dump(include=set(DictionaryConfig.model_fields) | {"matryoshka_widths"})
+        jr = JumpReLU(JumpReLUConfig(**{**keep, "kind": "jumprelu"}))
+        state = {k: v for k, v in self.state_dict().items() if k not in ("threshold", "tokens_since_fired")}
+        jr.load_state_dict({**state, "threshold": self.threshold.float().expand(self.cfg.d_sae).clone()})
+        return jr.to(self.W_enc.device)
 
     @torch.no_grad()
     def _track(self, fired: torch.Tensor, rows: int, active: torch.Tensor) -> None:

@@ -34,9 +34,15 @@ class DictSpec(_Strict):
     bandwidth: float = Field(0.001, gt=0)
     threshold_init: float = Field(0.001, gt=0)
     init_l0: float | None = Field(None, gt=0, description="jumprelu: set θ from pre-activation quantiles so L0 starts here")
-    sparsity_loss: Literal["step", "tanh"] = Field("step", description="jumprelu: λ‖f‖₀ (Gemma Scope) or λΣtanh(c·f) (Anthropic)")
+    sparsity_loss: Literal["step", "tanh", "quadratic"] = Field(
+        "step", description="jumprelu: λ‖f‖₀ (Gemma Scope), λΣtanh(c·f) (Anthropic) or λ(L0/target_l0 − 1)² (Gemma Scope 2)")
     tanh_scale: float = Field(4.0, gt=0, description="jumprelu: c of the tanh sparsity loss")
+    target_l0: float | None = Field(None, gt=0, description="jumprelu: the L0 the quadratic sparsity loss pulls towards")
     pre_act_coeff: float = Field(0.0, ge=0, description="jumprelu: λ_P of the pre-activation loss on dead latents")
+    freq_coeff: float = Field(0.0, ge=0, description="jumprelu: λ_f of the penalty on latents firing above freq_max")
+    freq_max: float = Field(0.1, gt=0, le=1, description="jumprelu: firing fraction above which the frequency penalty acts")
+    matryoshka_widths: list[int] | None = Field(
+        None, description="jumprelu, topk: nested prefixes of the latents that must each reconstruct x (Matryoshka)")
     aux_k: int | None = None
     aux_coeff: float = 1 / 32
     dead_after_tokens: int = 1_000_000
@@ -59,7 +65,7 @@ class DictSpec(_Strict):
 
 
 class TrainerSettings(_Strict):
-    total_tokens: int = Field(gt=0)
+    total_tokens: int = Field(gt=0, description="token-steps to train; more than the store's rows reads it for several epochs")
     batch_size: int = Field(4096, gt=0)
     lr: float = Field(7e-5, gt=0)
     adam_betas: tuple[float, float] = (0.0, 0.999)
@@ -71,6 +77,8 @@ class TrainerSettings(_Strict):
     sparse_kernels: bool = Field(True, description="gradients only at active codes (same values; see dictionaries/sparse.py)")
     device: str | None = None
     checkpoint_every: int = Field(1000, gt=0)
+    snapshot_every: int | None = Field(
+        None, gt=0, description="also save every dictionary to out/snapshots/step-N/NAME every this many steps")
     log_every: int = Field(50, gt=0)
     held_out: float = Field(0.1, gt=0, lt=1, description="fraction of documents kept out of training")
     buffer_rows: int = Field(1 << 18, gt=0)
@@ -118,6 +126,16 @@ class TrainConfig(_Strict):
                 raise ScopeError(f"dictionary {d.label()!r} is topk but sets no `k`")
             if d.kind in ("jumprelu", "relu") and d.sparsity_coeff == 0:
                 raise ScopeError(f"dictionary {d.label()!r} ({d.kind}) needs a positive `sparsity_coeff` (λ)")
+            if d.sparsity_loss == "quadratic" and not (d.target_l0 and d.target_l0 < d.d_sae):
+                raise ScopeError(f"dictionary {d.label()!r}: sparsity_loss quadratic needs a `target_l0` below "
+                                 f"d_sae ({d.d_sae})")
+            if d.matryoshka_widths is not None:
+                w = d.matryoshka_widths
+                if d.kind not in ("jumprelu", "topk"):
+                    raise ScopeError(f"dictionary {d.label()!r}: matryoshka_widths needs kind jumprelu or topk")
+                if not w or any(b <= a for a, b in zip(w, w[1:])) or w[0] <= 0 or w[-1] > d.d_sae:
+                    raise ScopeError(f"dictionary {d.label()!r}: matryoshka_widths {w} must increase strictly "
+                                     f"within (0, d_sae={d.d_sae}], e.g. [{d.d_sae // 16}, {d.d_sae // 4}, {d.d_sae}]")
             if d.init_l0 is not None and (d.kind != "jumprelu" or d.init_l0 >= d.d_sae):
                 raise ScopeError(f"dictionary {d.label()!r}: init_l0 {d.init_l0:g} needs kind jumprelu and a value "
                                  f"below d_sae ({d.d_sae})")

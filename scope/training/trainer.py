@@ -18,6 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ from scope.training.config import DictSpec, TrainConfig
 from scope.training.logging import MetricLogger
 
 CHECKPOINT = "checkpoint"
+SNAPSHOTS = "snapshots"  # out/snapshots/step-NNNNNNN/NAME: dictionaries saved along the way (snapshot_every)
 
 
 @dataclass
@@ -133,10 +135,13 @@ def _spec_to_dict_cfg(spec: DictSpec, d_in: int, hook: str, store: ActivationSto
         cfg["apply_b_dec_to_input"] = spec.apply_b_dec_to_input
     if spec.kind == "jumprelu":
         cfg.update(bandwidth=spec.bandwidth, threshold_init=spec.threshold_init, sparsity_loss=spec.sparsity_loss,
-                   tanh_scale=spec.tanh_scale, pre_act_coeff=spec.pre_act_coeff)
+                   tanh_scale=spec.tanh_scale, target_l0=spec.target_l0, pre_act_coeff=spec.pre_act_coeff,
+                   freq_coeff=spec.freq_coeff, freq_max=spec.freq_max)
     if spec.kind == "topk":
         cfg.update(k=spec.k, selection=spec.selection, aux_k=spec.aux_k, aux_coeff=spec.aux_coeff,
                    dead_after_tokens=spec.dead_after_tokens)
+    if spec.matryoshka_widths is not None:
+        cfg["matryoshka_widths"] = spec.matryoshka_widths
     if spec.kind == "icfl":
         cfg.update(iterations=spec.iterations, atoms_per_iteration=spec.atoms_per_iteration,
                    atom_selection=spec.atom_selection, redraw_every=spec.redraw_every, redraw_cos=spec.redraw_cos)
@@ -190,16 +195,29 @@ def _device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def _batches(view: ActivationStore, cfg: TrainConfig, hook: str, median: float):
-    """Endless global batches in a fixed order (epoch after epoch), outlier rows dropped if asked."""
+def training_batches(view: ActivationStore, cfg: TrainConfig, hook: str, median: float) -> Iterator[torch.Tensor]:
+    """Endless global batches of exactly ``batch_size`` rows in a fixed order, epoch after epoch.
+
+    Each epoch is a fresh shuffle of the view (seed ``trainer.seed + 1000·epoch``); the rows an epoch
+    leaves over start the next epoch's first batch, so every row is seen once per epoch and a run of
+    ``total_tokens`` = 2.5 × the view's rows sees each row two or three times. Rows whose norm exceeds
+    ``max_norm_ratio`` × the median are dropped when that is set.
+    """
     t = cfg.trainer
-    epoch = 0
+    epoch, carry = 0, None
     while True:
-        for x in view.batches(hook, batch_size=t.batch_size, seed=t.seed + 1000 * epoch, buffer_rows=t.buffer_rows,
-                              drop_last=True):
+        seen = 0
+        for x in view.batches(hook, batch_size=t.batch_size, seed=t.seed + 1000 * epoch, buffer_rows=t.buffer_rows):
             if t.max_norm_ratio is not None:
                 x = x[x.float().norm(dim=-1) <= t.max_norm_ratio * median]
-            yield x
+            seen += x.shape[0]
+            x = x if carry is None else torch.cat([carry, x])
+            while x.shape[0] >= t.batch_size:
+                yield x[: t.batch_size]
+                x = x[t.batch_size :]
+            carry = x if x.shape[0] else None
+        if seen == 0:
+            raise ScopeError(f"store {view.url!r} has no training rows for {hook} (after max_norm_ratio)")
         epoch += 1
 
 
@@ -265,7 +283,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(_yaml(cfg))
     logger = MetricLogger(out, cfg.logging, enabled=rank == 0)
-    data = _batches(train_view, cfg, hook, stats.median_norm)
+    data = training_batches(train_view, cfg, hook, stats.median_norm)
     for _ in range(start):  # replay the data order up to the checkpoint: resumed runs see the same batches
         next(data)
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not progress or rank != 0,
@@ -319,6 +337,9 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
             first = runs[0].name
             bar.set_postfix(l0=f"{row[f'{first}/l0']:.1f}", fvu=f"{row[f'{first}/fvu']:.3f}")
         bar.update(1)
+        if t.snapshot_every and (step + 1) % t.snapshot_every == 0 and step + 1 < total_steps and rank == 0:
+            for run in runs:
+                _save(run, out / SNAPSHOTS / f"step-{step + 1:07d}" / run.name)
         if (step + 1) % t.checkpoint_every == 0 and step + 1 < total_steps and rank == 0:
             _checkpoint(out, cfg, runs, step + 1)
         if world > 1 and (step + 1) % t.checkpoint_every == 0:
@@ -328,11 +349,19 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
     saved = {}
     if rank == 0:
         for run in runs:
-            saved[run.name] = run.sae.save(out / run.name)
+            saved[run.name] = _save(run, out / run.name)
         _checkpoint(out, cfg, runs, total_steps)
     if world > 1:
         dist.barrier()
     return saved
+
+
+def _save(run: Trained, folder: Path) -> Path:
+    """Save for inference; a BatchTopK SAE is saved as the JumpReLU it is at inference (as SAELens does)."""
+    sae = run.sae
+    if sae.kind == "topk" and sae.cfg.selection == "batch":
+        sae = sae.as_jumprelu()
+    return sae.save(folder)
 
 
 def _only_hook(store: ActivationStore) -> str:

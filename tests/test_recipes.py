@@ -1,0 +1,219 @@
+"""Gemma Scope 2's training terms and the Matryoshka loss, against values computed by hand; epochs over a store."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from scope.dictionaries import build, load
+from scope.dictionaries.jumprelu import rectangle
+from scope.errors import ScopeError
+from scope.store import ActivationStore
+from scope.training import load_config, train
+from scope.training.trainer import training_batches
+
+from test_store import synthetic_store
+
+EPS = 0.05
+
+
+def _jumprelu(**cfg):
+    torch.manual_seed(0)
+    # θ = 2 on unit-variance pre-activations: about 2 % of the pairs are active, so the sparse kernels run
+    d = build({"kind": "jumprelu", "d_in": 16, "d_sae": 256, "bandwidth": EPS, "threshold_init": 2.0, **cfg})
+    with torch.no_grad():
+        d.b_enc.normal_(0, 0.2)
+    return d
+
+
+def _penalty_and_theta_grad(d, x: torch.Tensor, coeff: float, sparse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss with the given λ minus the loss with λ = 0, and the same difference of θ's gradient."""
+    out = []
+    for lam in (coeff, 0.0):
+        d.zero_grad()
+        parts = d.loss(x, lam, sparse=sparse)
+        assert (parts.codes is None) == sparse, "the path under test ran"
+        parts.loss.backward()
+        out.append((parts.loss.detach(), d.threshold.grad.clone()))
+    return out[0][0] - out[1][0], out[0][1] - out[1][1]
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_quadratic_l0_penalty_is_the_squared_relative_distance_from_the_target(sparse):
+    d = _jumprelu(sparsity_loss="quadratic", target_l0=2.0)
+    x = torch.randn(128, 16)
+    z = d.pre_acts(x).detach()
+    theta = d.threshold.detach()
+    l0 = (z > theta).float().sum(-1).mean()
+    assert float(l0) > 4, "the batch is away from the target, so the penalty is not vacuous"
+    penalty, grad = _penalty_and_theta_grad(d, x, 0.7, sparse)
+    torch.testing.assert_close(penalty, 0.7 * (l0 / 2 - 1) ** 2, rtol=1e-5, atol=1e-6)
+    # d/dθᵢ λ(L0/T − 1)² = λ·2(L0/T − 1)/T · dL0/dθᵢ, with dL0/dθᵢ = −(1/(εB)) Σ_b K((z_bi − θᵢ)/ε)
+    dl0 = -rectangle((z - theta) / EPS).sum(0) / (EPS * x.shape[0])
+    torch.testing.assert_close(grad, 0.7 * 2 * (l0 / 2 - 1) / 2 * dl0, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_frequency_penalty_acts_only_on_latents_firing_above_the_limit(sparse):
+    d = _jumprelu(freq_coeff=3.0, freq_max=0.2)
+    with torch.no_grad():
+        d.threshold[:8] = 0.01  # these fire on about half the rows
+    x = torch.randn(128, 16)
+    z = d.pre_acts(x).detach()
+    theta = d.threshold.detach()
+    p = (z > theta).float().mean(0)
+    over = torch.relu(p - 0.2)
+    assert (over > 0).sum() >= 5 and (over == 0).sum() >= 200, "some latents above the limit, most below"
+    # The frequency penalty is in the loss at any λ; compare against a copy without it.
+    plain = _jumprelu()
+    plain.load_state_dict(d.state_dict())
+    with_pen, without = d.loss(x, 0.1, sparse=sparse), plain.loss(x, 0.1, sparse=sparse)
+    assert (with_pen.codes is None) == sparse, "the path under test ran"
+    torch.testing.assert_close(with_pen.loss - without.loss, 3.0 * over.pow(2).sum(), rtol=1e-5, atol=1e-6)
+    with_pen.loss.backward()
+    without.loss.backward()
+    grad = d.threshold.grad - plain.threshold.grad
+    dp = -rectangle((z - theta) / EPS).sum(0) / (EPS * x.shape[0])
+    torch.testing.assert_close(grad, 3.0 * 2 * over * dp, rtol=1e-4, atol=1e-6)
+    assert (grad[over == 0] == 0).all()
+
+
+def _prefix_losses_by_hand(d, x: torch.Tensor, codes: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    xs = x * d.input_scale
+    return sum((xs - (codes[:, :m] @ d.W_dec[:m] + d.b_dec)).pow(2).sum(-1).mean() for m in widths)
+
+
+@pytest.mark.parametrize("kind,extra", [("jumprelu", {"threshold_init": 2.0}),
+                                        ("topk", {"k": 6, "selection": "batch", "dead_after_tokens": 10**9})])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_matryoshka_loss_is_the_sum_of_the_prefix_losses(kind, extra, sparse):
+    torch.manual_seed(1)
+    widths = [16, 96, 256]
+    d = build({"kind": kind, "d_in": 16, "d_sae": 256, "matryoshka_widths": widths[:2], **extra})
+    with torch.no_grad():
+        d.b_dec.normal_(0, 0.1)
+        d.input_scale.fill_(0.5)
+    x = torch.randn(96, 16) * 2
+    plain = build({**d.cfg.model_dump(), "matryoshka_widths": None})
+    plain.load_state_dict(d.state_dict())
+    codes = plain.loss(x, 0.0, sparse=False).codes
+    assert all((codes[:, a:b] != 0).any() for a, b in ((0, 16), (16, 96), (96, 256))), "every bucket is used"
+    parts = d.loss(x, 0.0, sparse=sparse)
+    assert (parts.codes is None) == sparse, "the path under test ran"
+    torch.testing.assert_close(parts.loss, _prefix_losses_by_hand(d, x, codes, widths), rtol=1e-5, atol=1e-6)
+    full = (x * 0.5 - (codes @ d.W_dec + d.b_dec)).pow(2).sum(-1).mean()
+    torch.testing.assert_close(parts.mse, full, rtol=1e-5, atol=1e-6)
+
+
+def test_matryoshka_sparse_and_plain_gradients_agree():
+    torch.manual_seed(2)
+    d = build({"kind": "jumprelu", "d_in": 16, "d_sae": 128, "threshold_init": 2.0, "bandwidth": 0.05,
+               "matryoshka_widths": [16, 48], "sparsity_loss": "quadratic", "target_l0": 5, "freq_coeff": 1.0,
+               "freq_max": 0.01})
+    x = torch.randn(64, 16)
+    grads = []
+    for sparse in (False, True):
+        d.zero_grad()
+        parts = d.loss(x, 0.3, sparse=sparse)
+        assert (parts.codes is None) == sparse, "the path under test ran"
+        parts.loss.backward()
+        grads.append((parts.loss.detach(), {k: p.grad.clone() for k, p in d.named_parameters()}))
+    assert grads[0][1]["threshold"].abs().sum() > 0
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-6)
+    for k in grads[0][1]:
+        torch.testing.assert_close(grads[1][1][k], grads[0][1][k], rtol=1e-5, atol=1e-6 * grads[0][1][k].abs().max())
+
+
+def test_matryoshka_batchtopk_saves_as_a_jumprelu_with_the_same_inference_codes(tmp_path):
+    torch.manual_seed(3)
+    d = build({"kind": "topk", "d_in": 16, "d_sae": 64, "k": 4, "selection": "batch", "matryoshka_widths": [8, 32]})
+    for _ in range(20):  # the inference threshold is a running estimate from training batches
+        d.loss(torch.randn(32, 16), sparse=True)
+    d.eval()
+    assert float(d.threshold) > 0
+    d.as_jumprelu().save(tmp_path / "jr")
+    jr = load(tmp_path / "jr")
+    assert jr.kind == "jumprelu" and jr.cfg.matryoshka_widths == [8, 32]
+    x = torch.randn(500, 16) * 2
+    assert torch.equal(jr.encode(x), d.encode(x)) and (d.encode(x) > 0).any()
+    torch.testing.assert_close(jr(x), d(x))
+    with pytest.raises(ValueError, match="one threshold"):
+        build({"kind": "topk", "d_in": 16, "d_sae": 64, "k": 4}).as_jumprelu()
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"kind": "jumprelu", "sparsity_coeff": 1.0, "sparsity_loss": "quadratic"}, "needs a `target_l0`"),
+    ({"kind": "jumprelu", "sparsity_coeff": 1.0, "matryoshka_widths": [32, 16]}, "must increase strictly"),
+    ({"kind": "jumprelu", "sparsity_coeff": 1.0, "matryoshka_widths": [16, 128]}, "must increase strictly"),
+    ({"kind": "icfl", "matryoshka_widths": [16]}, "needs kind jumprelu or topk"),
+])
+def test_bad_recipe_options_are_clear_errors(bad, message):
+    with pytest.raises(ScopeError, match=message):
+        load_config(data={"store": "s", "trainer": {"total_tokens": 1000}, "dictionaries": [{"d_sae": 64, **bad}]})
+
+
+# --- epochs -----------------------------------------------------------------------------------------------
+
+def test_a_run_of_two_and_a_half_epochs_sees_every_row_two_or_three_times(tmp_path):
+    url = str(tmp_path / "store")
+    data = synthetic_store(url, [700, 555, 900], width=8, docs_per_shard=20)
+    view = ActivationStore(url).split(0.1, seed=0)[0]
+    train_rows = len(view)
+    batch = 128
+    steps = int(2.5 * train_rows) // batch
+    cfg = load_config(data={"store": url, "trainer": {"total_tokens": steps * batch, "batch_size": batch,
+                                                      "buffer_rows": 512},
+                            "dictionaries": [{"kind": "topk", "d_sae": 16, "k": 2}]})
+    key = {tuple(r.tolist()): 0 for r in data["x"][:, :2]}
+    stream = training_batches(view, cfg, "x", median=1.0)
+    first_epoch = []
+    for step in range(steps):
+        x = next(stream)
+        assert x.shape[0] == batch, "every batch is full, across epoch boundaries too"
+        for r in x[:, :2].tolist():
+            key[tuple(r)] += 1
+        if step < train_rows // batch:
+            first_epoch.append(x)
+    counts = torch.tensor([c for c in key.values() if c])
+    assert len(counts) == train_rows, "every training row was seen"
+    assert set(counts.tolist()) <= {2, 3} and (counts == 3).sum() == steps * batch - 2 * train_rows
+    again = training_batches(view, cfg, "x", median=1.0)
+    assert all(torch.equal(next(again), x) for x in first_epoch), "the order is fixed by the seed"
+
+
+# --- on the real model ------------------------------------------------------------------------------------
+
+@pytest.mark.real_model
+def test_each_new_option_trains_on_the_real_model(small_store, tmp_path):
+    hook = "blocks.6.hook_resid_post"
+    jr = {"kind": "jumprelu", "d_sae": 512, "apply_b_dec_to_input": True, "bandwidth": 0.01}
+    cfg = load_config(data={
+        "store": small_store.url, "hook": hook,
+        "trainer": {"total_tokens": 256 * 40, "batch_size": 256, "lr": 3e-3, "lr_warmup_steps": 2,
+                    "sparsity_warmup_steps": 5, "log_every": 1, "checkpoint_every": 100, "buffer_rows": 1024,
+                    "norm_estimate_rows": 2000},
+        "dictionaries": [
+            {"name": "quadratic", **jr, "sparsity_coeff": 1.0, "sparsity_loss": "quadratic", "target_l0": 30},
+            {"name": "step", **jr, "sparsity_coeff": 1e-3, "init_l0": 60},
+            {"name": "step-freq", **jr, "sparsity_coeff": 1e-3, "init_l0": 60, "freq_coeff": 10.0, "freq_max": 0.02},
+            {"name": "matryoshka", **jr, "sparsity_coeff": 1.0, "sparsity_loss": "quadratic", "target_l0": 30,
+             "matryoshka_widths": [64, 256]},
+            {"name": "matryoshka-batchtopk", "kind": "topk", "d_sae": 512, "k": 30, "selection": "batch",
+             "matryoshka_widths": [64, 256]}]})
+    saved = train(cfg, tmp_path / "run", progress=False)
+    rows = [yaml.safe_load(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for name in saved:
+        fvu = [r[f"{name}/fvu"] for r in rows]
+        assert fvu[-1] < 0.7 * fvu[0], (name, fvu)
+    for name in ("quadratic", "matryoshka"):
+        l0 = [r[f"{name}/l0"] for r in rows]
+        assert l0[0] > 90 and abs(l0[-1] - 30) < 0.2 * abs(l0[0] - 30), (name, l0)
+    assert load(saved["matryoshka-batchtopk"]).kind == "jumprelu"
+    rows_seen = torch.cat(list(small_store.batches(hook, batch_size=1000, shuffle=False)))
+
+    def excess(name: str) -> float:
+        fired = (load(saved[name]).encode(rows_seen) > 0).float().mean(0)
+        return float(torch.relu(fired - 0.02).sum())
+
+    assert excess("step-freq") < 0.5 * excess("step"), "less firing mass above freq_max"
