@@ -84,6 +84,16 @@ class Dictionary(nn.Module):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def gathered_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """For the sparse kernels: (c·x, the b_dec taken off before encoding or None, the encoder input, and
+        the float32 pre-activations), the last two computed without autograd (GatheredPre gives the gradients)."""
+        xs = x.to(self.W_enc.dtype) * self.input_scale
+        shift = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        with torch.no_grad():
+            xin = xs if shift is None else xs - shift
+            pre = torch.addmm(self.b_enc, xin, self.W_enc).float()  # bias fused: one pass over [batch × d_sae]
+        return xs, shift, xin, pre
+
     def encode_prepared(self, x: torch.Tensor) -> torch.Tensor:
         """Codes of inputs already in the dictionary's input space (after any whitening)."""
         return self.activation(self.pre_acts(x))

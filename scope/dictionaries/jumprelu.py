@@ -186,19 +186,15 @@ class JumpReLU(Dictionary):
         if not sparse:
             return self._dense_loss(x, sparsity_coeff, dead)
         eps = self.cfg.bandwidth
-        xs = x.to(self.W_enc.dtype) * self.input_scale
-        xin = xs - self.b_dec if self.cfg.apply_b_dec_to_input else xs
+        xs, shift, xin, pre = self.gathered_inputs(x)
         theta = self.threshold.float()
         with torch.no_grad():
-            pre = (xin @ self.W_enc + self.b_enc).float()
             # Active codes plus the kernel window below θ, where θ's pseudo-derivative lives:
             # (z > θ) or |z − θ| ≤ ε/2  is  z ≥ θ − ε/2, one pass over the array.
-            keep = pre >= theta - eps / 2
-            dense = bool(keep.sum() > DENSE_ABOVE * keep.numel())
-            rows, cols = pairs(keep) if not dense else (None, None)
-        if dense:  # early in training: dense products are cheaper than the sparse kernels
+            rows, cols = pairs(pre >= theta - eps / 2)
+        if rows.numel() > DENSE_ABOVE * pre.numel():  # early in training: dense products are cheaper
             return self._dense_loss(x, sparsity_coeff, dead)
-        z = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, rows, cols)
+        z = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, rows, cols, shift)
         th = theta[cols]
         f = JumpReLUFn.apply(z, th, eps)
         rec = sparse_reconstruction(xs, f, self.W_dec, self.b_dec, rows, cols, self.prefix_ends)

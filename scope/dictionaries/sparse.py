@@ -8,7 +8,8 @@ functions compute the same values and gradients from those pairs alone:
 
 * :class:`GatheredPre` — pre-activations z at the pairs; backward gives W_enc and b_enc their
   gradients through a sparse ``[d_sae × batch] @ [batch × d_in]`` product (the encoder's forward
-  matmul stays dense: every pre-activation must be seen to know which are active).
+  matmul stays dense: every pre-activation must be seen to know which are active), and a b_dec
+  subtracted from the input its gradient from one matrix-vector product.
 * :class:`SparseDecode` — x̂ = Σ f·W_dec over the pairs (``embedding_bag``); backward gives the
   codes' gradient by a sampled dense-dense product and W_dec's by a sparse product.
 
@@ -33,18 +34,45 @@ def _csr(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tupl
         return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
 
 
+def _nonzero(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The pairs whose value is not zero (still row-major): zero entries add nothing to a product."""
+    keep = vals != 0
+    if bool(keep.all()):
+        return rows, cols, vals
+    return rows[keep], cols[keep], vals[keep]
+
+
+def _column_order(cols: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """The permutation that puts row-major pairs in column-major order (rows stay ascending in a column).
+
+    A stable sort by column alone does it; on small integer types torch sorts by radix, which on CPU
+    is two orders of magnitude faster than sorting the int64 key ``col · n_rows + row``.
+    """
+    small = torch.int16 if n_cols <= torch.iinfo(torch.int16).max else torch.int32
+    return torch.sort(cols.to(small), stable=True).indices
+
+
 def _transpose_times(rows, cols, vals, n_rows: int, n_cols: int, dense: torch.Tensor) -> torch.Tensor:
-    """Sᵀ @ dense for the sparse S[rows, cols] = vals of shape [n_rows, n_cols]."""
-    order = torch.argsort(cols * n_rows + rows)
-    st = _csr(cols[order], rows[order], vals[order], (n_cols, n_rows))
-    return torch.sparse.mm(st, dense)
+    """Sᵀ @ dense for the sparse S[rows, cols] = vals of shape [n_rows, n_cols] (row-major pairs).
+
+    Row i of the result sums ``vals · dense[row]`` over the pairs of column i: one ``embedding_bag``.
+    """
+    order = _column_order(cols, n_cols)
+    offsets = torch.zeros(n_cols, dtype=torch.long, device=rows.device)
+    offsets[1:] = torch.bincount(cols, minlength=n_cols).cumsum(0)[:-1]
+    return F.embedding_bag(rows[order], dense, offsets, mode="sum", per_sample_weights=vals[order].to(dense.dtype))
 
 
 class GatheredPre(torch.autograd.Function):
-    """z[rows, cols] where z = x W_enc + b_enc was computed without autograd."""
+    """z[rows, cols] where z = (x − shift) W_enc + b_enc was computed without autograd.
+
+    ``x`` is the encoder input with ``shift`` already taken off (no gradient flows into it); ``shift``
+    (b_dec, for dictionaries that subtract it from the input, or None) gets its gradient from the
+    column sums of the pair gradients, −W_enc · Σ_pairs g, so no [batch × d_in] product is needed.
+    """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, pre, rows, cols):
+    def forward(ctx, x, W_enc, b_enc, pre, rows, cols, shift=None):
         ctx.save_for_backward(x, W_enc, rows, cols)
         return pre[rows, cols]
 
@@ -52,12 +80,11 @@ class GatheredPre(torch.autograd.Function):
     def backward(ctx, grad):
         x, W_enc, rows, cols = ctx.saved_tensors
         grad = grad.to(x.dtype)
-        grad_W_enc = _transpose_times(rows, cols, grad, x.shape[0], W_enc.shape[1], x).T
         grad_b_enc = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
-        grad_x = None
-        if ctx.needs_input_grad[0]:  # e.g. b_dec subtracted from the input (TopK)
-            grad_x = torch.sparse.mm(_csr(rows, cols, grad, (x.shape[0], W_enc.shape[1])), W_enc.T)
-        return grad_x, grad_W_enc, grad_b_enc, None, None, None
+        rows, cols, grad = _nonzero(rows, cols, grad)  # JumpReLU's inactive window pairs pass no gradient to z
+        grad_W_enc = _transpose_times(rows, cols, grad, x.shape[0], W_enc.shape[1], x).T
+        grad_shift = -(W_enc @ grad_b_enc) if ctx.needs_input_grad[6] else None
+        return None, grad_W_enc, grad_b_enc, None, None, None, grad_shift
 
 
 class SparseDecode(torch.autograd.Function):
@@ -67,6 +94,7 @@ class SparseDecode(torch.autograd.Function):
     def forward(ctx, vals, W_dec, rows, cols, batch):
         ctx.save_for_backward(vals, W_dec, rows, cols)
         ctx.batch = batch
+        rows, cols, vals = _nonzero(rows, cols, vals)  # JumpReLU's window pairs below θ decode to nothing
         offsets = torch.zeros(batch, dtype=torch.long, device=rows.device)
         offsets[1:] = torch.bincount(rows, minlength=batch).cumsum(0)[:-1]
         return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals.to(W_dec.dtype))
@@ -76,7 +104,8 @@ class SparseDecode(torch.autograd.Function):
         vals, W_dec, rows, cols = ctx.saved_tensors
         grad = grad.contiguous().to(W_dec.dtype)
         mask = _csr(rows, cols, torch.ones_like(vals, dtype=W_dec.dtype), (ctx.batch, W_dec.shape[0]))
-        grad_vals = torch.sparse.sampled_addmm(mask, grad, W_dec.T, beta=0.0).values()
+        grad_vals = torch.sparse.sampled_addmm(mask, grad, W_dec.T, beta=0.0).values()  # θ needs it at every pair
+        rows, cols, vals = _nonzero(rows, cols, vals)
         grad_W_dec = _transpose_times(rows, cols, vals.to(W_dec.dtype), ctx.batch, W_dec.shape[0], grad)
         return grad_vals.to(vals.dtype), grad_W_dec, None, None, None
 

@@ -91,17 +91,15 @@ class TopK(Dictionary):
         """‖x − x̂‖² plus the AuxK loss; sparsity is set by k, so the coefficient is unused."""
         if not sparse:
             return self._dense_loss(x)
-        xs = x.to(self.W_enc.dtype) * self.input_scale
-        xin = xs - self.b_dec if self.cfg.apply_b_dec_to_input else xs
+        xs, shift, xin, pre = self.gathered_inputs(x)
         with torch.no_grad():
-            pre = (xin @ self.W_enc + self.b_enc).float()
             rows, cols = self._selected_pairs(pre)
-        f = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, rows, cols)
+        f = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, rows, cols, shift)
         rec = sparse_reconstruction(xs, f, self.W_dec, self.b_dec, rows, cols, self.prefix_ends)
         counts = torch.bincount(cols, minlength=self.cfg.d_sae)
         self._track(counts > 0, x.shape[0], f.detach())
         aux = self._aux_loss(pre, rec.err,
-                             lambda r, c: (GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, r, c), r, c))
+                             lambda r, c: (GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, r, c, shift), r, c))
         total = rec.loss if aux is None else rec.loss + self.cfg.aux_coeff * aux
         return LossParts(loss=total, mse=rec.mse, l0=torch.tensor(len(rows) / x.shape[0]), counts=counts, aux=aux)
 
