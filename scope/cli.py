@@ -172,54 +172,25 @@ def train(
 ) -> None:
     """Train the dictionaries of a config on its activation store (capturing the store first if needed)."""
     from scope.store.capture import init_distributed
-    from scope.training import load_config
+    from scope.training import ensure_store, last_metrics, load_config
     from scope.training import train as run_training
 
     init_distributed()
     cfg = load_config(config, set_ or [])
-    _ensure_store(cfg)
+    ensure_store(cfg)
     t0 = time.time()
     saved = run_training(cfg, out)
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    last = _last_metrics(Path(out))
+    last = last_metrics(out)
     result = {"out": out, "seconds": round(time.time() - t0, 1),
               "dictionaries": {name: {"path": str(p), **{k.split("/", 1)[1]: v for k, v in last.items()
                                                         if k.startswith(name + "/")}} for name, p in saved.items()}}
     lines = [f"{n}: L0 {d.get('l0', float('nan')):.1f}, FVU {d.get('fvu', float('nan')):.3f} -> {d['path']}"
              for n, d in result["dictionaries"].items()]
     _emit(result, as_json, "\n".join(lines))
-
-
-def _ensure_store(cfg) -> None:
-    """Capture the config's store first when it is missing and the config says how."""
-    from scope.store.fs import StoreFS
-    from scope.store.manifest import read_manifest
-
-    existing = read_manifest(StoreFS(cfg.store))
-    if existing is not None and existing.complete:
-        return
-    if cfg.capture is None:
-        raise ScopeError(f"store {cfg.store!r} does not exist (or is incomplete); create it with `scope cache "
-                         "--out ...`, or add a `capture:` section to the config")
-    from scope.data import open_source
-    from scope.models import load_model
-    from scope.store.capture import capture_store
-
-    c = cfg.capture
-    model = load_model(c.model, dtype=c.model_dtype, device=cfg.trainer.device)
-    capture_store(model, open_source(c.corpus), c.hooks, cfg.store, c.tokens, context=c.context, dtype=c.dtype,
-                  batch_size=c.batch_size)
-
-
-def _last_metrics(out: Path) -> dict:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1]) if lines else {}
 
 
 @app.command()
@@ -230,8 +201,6 @@ def quickstart(
     corpus: Annotated[str, typer.Option(help="Bundled corpus.")] = "wiki",
     d_sae: Annotated[int, typer.Option(help="Latents of the JumpReLU SAE.")] = 4096,
     train_tokens: Annotated[int, typer.Option(help="Training length in token-steps.")] = 600_000,
-    # Small batches: within a few CPU minutes, more updates beat bigger batches (measured: 4x the
-    # steps at batch 1,024 gave FVU 0.165 and 77 % CE recovered, against 0.33 and 53 % at 4,096).
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 1024,
     lm_tokens: Annotated[int, typer.Option(help="Held-out tokens for the spliced-in LM loss.")] = 1024,
     dashboard_features: Annotated[str, typer.Option(help="Features whose dashboards are published (START:STOP).")] = "0:100",
@@ -240,66 +209,21 @@ def quickstart(
 ) -> None:
     """The main job on the bundled Gemma 3 270M: capture layer 6, train a JumpReLU SAE, evaluate it, publish
     its feature dashboards."""
-    from scope.dashboards import StatsConfig, parse_features, publish
-    from scope.data import open_source
-    from scope.dictionaries import load
-    from scope.evals import evaluate
-    from scope.models import load_model
-    from scope.store import ActivationStore
-    from scope.store.capture import capture_store
-    from scope.training import load_config
-    from scope.training import train as run_training
-    from scope.training.config import TrainerSettings
-    from scope.training.trainer import dead_window_for
+    from scope.quickstart import check_dashboard_input, run_quickstart
 
-    parse_features(dashboard_features, d_sae)  # bad dashboard input fails now, not after training
-    if dashboard_rows <= 0:
-        raise ScopeError(f"--dashboard-rows must be positive, got {dashboard_rows}")
-    t0 = time.time()
-    hook = "blocks.6.hook_resid_post"
-    model = load_model("gemma-3-270m")
-    store_dir = str(Path(out) / "store")
-    typer.echo(f"[1/4] capturing {tokens:,} tokens of {corpus} at {hook} -> {store_dir}", err=True)
-    capture_store(model, open_source(corpus), [hook], store_dir, tokens, context=128)
-    typer.echo(f"[2/4] training a JumpReLU SAE with {d_sae:,} latents for {train_tokens:,} token-steps", err=True)
-    steps = train_tokens // batch_size
-    window = dead_window_for(batch_size, steps, TrainerSettings.model_fields['dead_frequency'].default)
-    recipe = QUICKSTART_JUMPRELU | ({"pre_act_coeff": 1e-5} if window else {})  # too short a run: it could not act
-    cfg = load_config(data={
-        "store": store_dir, "hook": hook,
-        "trainer": {"total_tokens": train_tokens, "batch_size": batch_size, "lr": QUICKSTART_LR,
-                    "lr_warmup_steps": 10, "sparsity_warmup_steps": max(1, steps // 4),
-                    "log_every": 10, "checkpoint_every": 50, **({"dead_window_steps": window} if window else {})},
-        "dictionaries": [{"name": "jumprelu", "kind": "jumprelu", "d_sae": d_sae,
-                          "sparsity_coeff": QUICKSTART_SPARSITY, **recipe}]})
-    sae_dir = run_training(cfg, Path(out) / "sae")["jumprelu"]
-    typer.echo(f"[3/4] evaluating on held-out documents ({lm_tokens:,} tokens for the LM loss)", err=True)
-    held_out = ActivationStore(store_dir).split(0.1, seed=0)[1]
-    metrics = evaluate(load(sae_dir), held_out, model=model, lm_tokens=lm_tokens, name="jumprelu", progress=True)
-    site = str(Path(out) / "dashboard")
-    typer.echo(f"[4/4] publishing the dashboards of features {dashboard_features} over {dashboard_rows:,} rows "
-               f"-> {site}", err=True)
-    dash = publish(sae_dir, store_dir, site, dashboard_features, model=model, overwrite=True,
-                   cfg=StatsConfig(max_rows=dashboard_rows), name="quickstart JumpReLU SAE")
-    result = {"out": out, "store": store_dir, "sae": str(sae_dir), "metrics": metrics, "dashboard": dash.index,
-              "seconds": round(time.time() - t0, 1)}
-    lm = metrics.get("lm") or {}
-    summary = (f"quickstart done in {result['seconds']:.0f} s\n  store: {store_dir} ({len(held_out.documents)} "
-               f"held-out documents)\n  SAE:   {sae_dir}\n  L0 {metrics['l0']:.1f}, FVU {metrics['fvu']:.3f}, "
+    check_dashboard_input(dashboard_features, d_sae, dashboard_rows, rows_name="--dashboard-rows")
+    done = run_quickstart(out, tokens=tokens, corpus=corpus, d_sae=d_sae, train_tokens=train_tokens,
+                          batch_size=batch_size, lm_tokens=lm_tokens, dashboard_features=dashboard_features,
+                          dashboard_rows=dashboard_rows, log=lambda line: typer.echo(line, err=True))
+    metrics, lm = done.metrics, done.metrics.get("lm") or {}
+    summary = (f"quickstart done in {done.seconds:.0f} s\n  store: {done.store} ({done.held_out_documents} "
+               f"held-out documents)\n  SAE:   {done.sae}\n  L0 {metrics['l0']:.1f}, FVU {metrics['fvu']:.3f}, "
                f"dead {metrics['dead_fraction']:.1%}")
     if lm:
         summary += (f", CE clean {lm['clean_ce']:.3f} -> spliced {lm['spliced_ce']:.3f} "
                     f"(delta {lm['delta_loss']:.3f} nats, {lm['ce_loss_recovered']:.1%} recovered)")
-    summary += f"\n  dashboards: {dash.index}"
-    _emit(result, as_json, summary)
-
-
-# Chosen on the quality study and its ablation ladder (docs/methods/jumprelu.md) for short CPU runs:
-# Gemma Scope's defaults need far more steps than a few CPU minutes give.
-QUICKSTART_LR = 1e-3
-QUICKSTART_SPARSITY = 2e-4
-QUICKSTART_JUMPRELU = {"apply_b_dec_to_input": True, "init_l0": 64, "sparsity_loss": "tanh", "tanh_scale": 100,
-                       "bandwidth": 0.01}
+    summary += f"\n  dashboards: {done.dashboard}"
+    _emit(done.to_dict(), as_json, summary)
 
 
 @app.command("eval")
