@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "scope"
+# The package map of docs/architecture.md, lowest layer first: a part may import its own layer and those below.
+LAYERS = [{"scope", "errors"}, {"models", "hooks", "data"}, {"store"}, {"dictionaries", "analysis", "steering"},
+          {"training", "evals", "dashboards"}, {"quickstart"}, {"cli", "__main__"}]
 
 
 def _module_name(path: Path) -> str:
@@ -151,6 +154,18 @@ def test_the_cli_imports_run_one_way():
     assert not {t for t in graph["scope.cli.common"] if t.startswith("scope.cli")}
     library = {m for m in graph if not m.startswith("scope.cli") and m != "scope.__main__"}
     assert not {m for m in library if any(t.startswith("scope.cli") for t in graph[m])}
+
+
+def test_dependencies_point_down_the_package_map():
+    layer = {part: i for i, parts in enumerate(LAYERS) for part in parts}
+
+    def part(module: str) -> str:
+        return module.split(".")[1] if "." in module else "scope"
+
+    assert {part(m) for m in MODULES} == set(layer), "docs/architecture.md and LAYERS name every part of scope/"
+    upward = sorted(f"{m} -> {t}" for m, targets in import_graph().items() for t in targets
+                    if layer[part(t)] > layer[part(m)])
+    assert not upward, "imports against the package map:\n" + "\n".join(upward)
 
 
 def test_the_checker_sees_cycles():
