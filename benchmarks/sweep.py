@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from scope.cli import _ensure_store
 from scope.store import ActivationStore
-from scope.training import TrainConfig, load_config, train
+from scope.training import TrainConfig, ensure_store, load_config, train
 
 
 def sweep_parser(description: str, config: str, out: str) -> argparse.ArgumentParser:
@@ -25,6 +24,6 @@ def sweep_parser(description: str, config: str, out: str) -> argparse.ArgumentPa
 def train_sweep(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Path], ActivationStore]:
     """Capture the store if missing, train (or resume) every dictionary; return them and the held-out view."""
     cfg = load_config(args.config, args.overrides)
-    _ensure_store(cfg)
+    ensure_store(cfg)
     saved = train(cfg, args.out)
     return cfg, saved, ActivationStore(cfg.store).split(args.held_out, seed=0)[1]

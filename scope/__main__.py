@@ -1,3 +1,3 @@
-from scope.cli import app
+from scope.cli import main
 
-app(prog_name="scope")
+main()

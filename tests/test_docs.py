@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scope.cli_reference import cli_markdown
+from scope.cli.reference import cli_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +25,6 @@ def test_docs_build_strictly_offline(tmp_path):
 
 def test_cli_reference_is_generated_from_the_cli():
     committed = (ROOT / "docs" / "cli.md").read_text()
-    assert committed == cli_markdown(), "run `python -m scope.cli_reference > docs/cli.md` and commit the result"
+    assert committed == cli_markdown(), "run `python -m scope.cli.reference > docs/cli.md` and commit the result"
     for command in ("scope cache", "scope train", "scope eval", "scope store import-saelens", "scope analyze rope"):
         assert f"`{command}`" in committed

@@ -30,3 +30,16 @@ def test_quickstart_writes_store_sae_and_metrics(gemma, tmp_path):
     assert report["dashboard"] == str(index) and index.exists()
     assert index.read_text().count('class="feature-row"') == 16
     assert (out / "dashboard" / "features" / "000015.html").exists()
+
+
+def test_the_command_runs_the_library_with_its_defaults():
+    import inspect
+
+    import typer
+
+    from scope.quickstart import run_quickstart
+
+    command = typer.main.get_command(app).commands["quickstart"]
+    flags = {p.name: p.default for p in command.params if p.name != "as_json"}
+    library = {n: p.default for n, p in inspect.signature(run_quickstart).parameters.items() if n != "log"}
+    assert flags == library

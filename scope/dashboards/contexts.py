@@ -7,14 +7,10 @@ are consecutive in the store; the next window of a document restarts its positio
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
+from scope.dashboards.results import FeatureStats
 from scope.store.reader import ActivationStore
-
-if TYPE_CHECKING:  # stats.py calls in here at the end of its pass
-    from scope.dashboards.stats import FeatureStats
 
 
 def attach_tokens(store: ActivationStore, stats: list[FeatureStats], rows: int) -> None:

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from scope.dashboards.stats import Example, FeatureStats
+from scope.dashboards.results import Example, FeatureStats
 
 Decode = Callable[[Sequence[int]], list[str]]
 

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from scope.dashboards.contexts import attach_tokens
+from scope.dashboards.results import Example, FeatureStats, Interval
 from scope.dictionaries.base import Dictionary
 from scope.errors import ScopeError
 from scope.store.reader import ActivationStore
@@ -67,51 +67,6 @@ class StatsConfig(BaseModel):
         if self.sample is None:  # the intervals draw from this sample, so it scales with what they show
             self.sample = max(200, 4 * self.intervals * self.per_interval)
         return self
-
-
-@dataclass
-class Example:
-    """One row where a feature fired, with the feature's activations over the rows around it."""
-
-    row: int  # place in the store view's order
-    value: float
-    offsets: list[int]  # context rows relative to ``row`` that lie in the same context window
-    values: list[float]  # the feature's activation at each of them
-    tokens: list[int]  # their token ids (filled by contexts.attach_tokens)
-    doc_id: int = -1
-    position: int = -1
-
-
-@dataclass
-class Interval:
-    """A quantile interval of a feature's firing activations: [lo, hi), the last one closed."""
-
-    lo: float
-    hi: float
-    contains: float  # exact share of the feature's firing rows in the interval
-    examples: list[Example]
-
-
-@dataclass
-class FeatureStats:
-    feature: int
-    rows: int  # rows the pass read
-    count: int  # rows where the feature fired (code > 0)
-    max: float
-    mean: float  # mean activation over the firing rows
-    hist_edges: list[float]
-    hist_counts: list[int]
-    top: list[Example]
-    intervals: list[Interval]
-    correlated: list[tuple[int, float]]  # (feature, Pearson r), highest first
-
-    @property
-    def density(self) -> float:
-        return self.count / self.rows if self.rows else 0.0
-
-    def examples(self) -> list[Example]:
-        """The top examples, then every interval's."""
-        return [*self.top, *(e for iv in self.intervals for e in iv.examples)]
 
 
 class _Best:

@@ -1,6 +1,9 @@
-"""SAE training: configs (config.py), the loop with checkpoints and DDP (trainer.py), metric logs."""
+"""SAE training: configs (config.py), the loop with checkpoints and DDP (trainer.py), metric logs (logging.py),
+and capturing a config's store when it is missing (store.py)."""
 
 from scope.training.config import DictSpec, TrainConfig, TrainerSettings, load_config
+from scope.training.logging import last_metrics
+from scope.training.store import ensure_store
 from scope.training.trainer import train
 
-__all__ = ["DictSpec", "TrainConfig", "TrainerSettings", "load_config", "train"]
+__all__ = ["DictSpec", "TrainConfig", "TrainerSettings", "ensure_store", "last_metrics", "load_config", "train"]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from scope.training.config import LoggingSettings
 
+METRICS = "metrics.jsonl"
+
 
 class MetricLogger:
     """Appends one JSON object per logged step to ``out/metrics.jsonl``."""
@@ -17,7 +19,7 @@ class MetricLogger:
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
-        self.file = (out / "metrics.jsonl").open("a")
+        self.file = (out / METRICS).open("a")
         if settings.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -53,3 +55,12 @@ class MetricLogger:
                 self.tb.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def last_metrics(out: str | Path) -> dict:
+    """The last row a run folder's ``metrics.jsonl`` holds; empty when it has none."""
+    path = Path(out) / METRICS
+    if not path.exists():
+        return {}
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else {}

@@ -6,18 +6,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from scope.cli import JsonOpt, ModelOpt, _emit, friendly
+from scope.cli.common import DeviceOpt, JsonOpt, ModelDtypeOpt, ModelOpt, emit, floats, friendly
 from scope.errors import ScopeError
 
 analyze_app = typer.Typer(help="Analyses of the model's internals: RoPE frequencies, class-embedding projections.",
                           no_args_is_help=True)
-
-
-def _floats(text: str, name: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ScopeError(f"{name} must be comma-separated numbers, got {text!r}") from None
 
 
 @analyze_app.command("rope")
@@ -33,8 +26,8 @@ def analyze_rope(
     p: Annotated[str, typer.Option("--p", help="Fractions of frequencies kept for p-RoPE.")] = "1,0.75,0.5,0.25,0",
     layers: Annotated[Optional[str], typer.Option(help="Comma-separated layers (default: all).")] = None,
     batch_size: Annotated[int, typer.Option(help="Context windows per forward pass.")] = 8,
-    dtype: Annotated[Optional[str], typer.Option(help="Model dtype (default float32).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1… (default: cuda when present).")] = None,
+    dtype: ModelDtypeOpt = None,
+    device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Per-frequency q/k usage, head types and p-RoPE costs (Barbero et al. 2025); JSON and HTML into --out."""
@@ -45,8 +38,8 @@ def analyze_rope(
 
     if batch_size <= 0:
         raise ScopeError(f"--batch-size must be positive, got {batch_size}")
-    ps = _floats(p, "--p")
-    chosen = [int(x) for x in _floats(layers, "--layers")] if layers else None
+    ps = floats(p, "--p")
+    chosen = [int(x) for x in floats(layers, "--layers")] if layers else None
     if (store is None) == (corpus is None):
         raise ScopeError("pass exactly one of --store DIR or --corpus NAME (wiki, bbc, tweets, a file or hf:NAME)")
     view = ActivationStore(store) if store else None
@@ -56,7 +49,7 @@ def analyze_rope(
                          progress=not as_json)
     files = write_report(report, out)
     result = {"out": out, "files": files, **report.to_dict()}
-    _emit(result, as_json, _rope_text(report, files))
+    emit(result, as_json, _rope_text(report, files))
 
 
 def _rope_text(report, files: dict) -> str:
@@ -99,8 +92,8 @@ def analyze_class_embedding(
     random_baseline: Annotated[bool, typer.Option(help="Also score a randomly initialised copy of the model.")] = True,
     memories: Annotated[bool, typer.Option(help="Also score the MLP key-value memories per layer.")] = False,
     batch_size: Annotated[int, typer.Option(help="Context windows per forward pass.")] = 4,
-    dtype: Annotated[Optional[str], typer.Option(help="Model dtype (default float32).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1… (default: cuda when present).")] = None,
+    dtype: ModelDtypeOpt = None,
+    device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Logit lens / class-embedding projection with class identifiability per layer (Vilas et al. 2023)."""
@@ -114,7 +107,7 @@ def analyze_class_embedding(
 
     if batch_size <= 0 or tokens < 2:
         raise ScopeError(f"need --batch-size > 0 and --tokens >= 2, got {batch_size} and {tokens}")
-    chosen = [int(x) for x in _floats(layers, "--layers")] if layers else None
+    chosen = [int(x) for x in floats(layers, "--layers")] if layers else None
     if store is None and corpus is None and labels is not None:
         corpus = labels
     if (store is None) == (corpus is None):
@@ -155,7 +148,7 @@ def analyze_class_embedding(
     report = lens_report(lm, windows, label_idx, ids, names, chosen, components, trained, random_baseline, memories,
                          batch_size, not as_json)
     files = write_report(report, out)
-    _emit({"out": out, "files": files, **report.to_dict()}, as_json, _class_text(report, files))
+    emit({"out": out, "files": files, **report.to_dict()}, as_json, _class_text(report, files))
 
 
 def _class_text(report, files: dict) -> str:

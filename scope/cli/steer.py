@@ -8,14 +8,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from scope.cli import JsonOpt, ModelOpt, _emit, friendly
-from scope.cli_analyze import _floats
+from scope.cli.common import DeviceOpt, JsonOpt, ModelDtypeOpt, ModelOpt, emit, floats, friendly
 from scope.errors import ScopeError
 
 steer_app = typer.Typer(help="Steering vectors: RePS, DiffMean and the LM objective; steering, suppression, scores.",
                         no_args_is_help=True)
-
-DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1… (default: cuda when present).")]
 
 
 def _open_run(folder: str, device: str | None):
@@ -52,7 +49,7 @@ def steer_train(
                                                       "(default: capture one into OUT/store).")] = None,
     max_rows: Annotated[Optional[int], typer.Option(help="DiffMean: rows read from the store (default all).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of data split, initialisation and factor sampling.")] = 0,
-    dtype: Annotated[Optional[str], typer.Option(help="Model dtype (default float32).")] = None,
+    dtype: ModelDtypeOpt = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -68,7 +65,7 @@ def steer_train(
     try:
         cfg = SteerConfig(model=model, concept=concept, layer=layer, method=method, n_train=n_train, n_eval=n_eval,
                           response_tokens=response_tokens, epochs=epochs, batch_size=batch_size, lr=lr,
-                          factors=_floats(factors, "--factors"), seed=seed, dtype=dtype,
+                          factors=floats(factors, "--factors"), seed=seed, dtype=dtype,
                           store=store, max_rows=max_rows)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
@@ -80,7 +77,7 @@ def steer_train(
     data = concept_data(lm, cfg)
     vec = make_vector(lm, data, cfg, out, progress=not as_json)
     result = {"out": out, "seconds": round(time.time() - t0, 1), "data": data.summary(), "vector": vec.meta()}
-    _emit(result, as_json, f"{method} vector for {vec.concept} at {vec.hook}: ‖w‖ = {vec.meta()['norm']:.1f} "
+    emit(result, as_json, f"{method} vector for {vec.concept} at {vec.hook}: ‖w‖ = {vec.meta()['norm']:.1f} "
                            f"({vec.meta()['norm_over_scale']:.2f} × layer scale {vec.scale:.1f}), b = {vec.b:.1f} -> {out}")
 
 
@@ -112,12 +109,12 @@ def steer_eval(
     cfg, vec, lm = _open_run(folder, device)
     data = concept_data(lm, cfg, n_classifier=classifier_texts)
     scorer = scorer_for(lm, data, Path(folder) / "scorer", probe_layer=probe_layer, seed=cfg.seed)
-    result = evaluate_vector(lm, vec, data, scorer, alphas=_floats(alphas, "--alphas"), max_new_tokens=new_tokens,
+    result = evaluate_vector(lm, vec, data, scorer, alphas=floats(alphas, "--alphas"), max_new_tokens=new_tokens,
                              temperature=temperature, seed=cfg.seed, batch_size=batch_size, suppression=suppression,
                              progress=not as_json, judge=Judge.from_env(judge_url, judge_model))
     out = {"folder": folder, **result.to_dict(), "probe": scorer.fit.__dict__, "calibration": scorer.cal.__dict__}
     files = write_results(folder, "eval.json", out, {"score_vs_alpha": alpha_figure([result])})
-    _emit({**out, "files": files}, as_json, _eval_text(result, scorer, files))
+    emit({**out, "files": files}, as_json, _eval_text(result, scorer, files))
 
 
 def _eval_text(r, scorer, files: dict) -> str:
@@ -167,7 +164,7 @@ def steer_generate(
                      rows=steer)
     out = [{"prompt": p, "mode": k, "alpha": a if k == "steer" else None, "text": t} for (p, k, a), t in zip(rows, texts)]
     human = "\n\n".join(f"[{_setting(o)}] {o['prompt']!r}\n{o['text']}" for o in out)
-    _emit({"folder": folder, "concept": vec.concept, "method": vec.method, "generations": out}, as_json, human)
+    emit({"folder": folder, "concept": vec.concept, "method": vec.method, "generations": out}, as_json, human)
 
 
 def _setting(o: dict) -> str:

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from scope.cli import JsonOpt, _emit, app, friendly
+from scope.cli.common import DeviceOpt, JsonOpt, emit, friendly
 
 dashboard_app = typer.Typer(help="Feature dashboards: a static site from a dictionary and a store; Neuronpedia export.",
                             no_args_is_help=True)
@@ -33,7 +33,7 @@ def dashboard_publish(
     neuronpedia: Annotated[Optional[str], typer.Option(help="Also write the Neuronpedia batch JSON into this folder.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a site computed from another dictionary, store or settings.")] = False,
     batch_size: Annotated[Optional[int], typer.Option(help="Rows per step (default: by dictionary width).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1… (default: cuda when present).")] = None,
+    device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Compute feature dashboards from a store in one pass and publish them as a static site."""
@@ -57,7 +57,7 @@ def dashboard_publish(
              f"{result['site_features']} features\nindex: {result['index']}")
     if done.neuronpedia:
         human += f"\nNeuronpedia batches: {', '.join(done.neuronpedia)}"
-    _emit(result, as_json, human)
+    emit(result, as_json, human)
 
 
 @dashboard_app.command("neuronpedia")
@@ -72,7 +72,5 @@ def dashboard_neuronpedia(
     from scope.dashboards import write_neuronpedia
 
     files = write_neuronpedia(site, out, batch_features)
-    _emit({"site": site, "files": files}, as_json, f"wrote {len(files)} Neuronpedia batch file(s) to {out}")
+    emit({"site": site, "files": files}, as_json, f"wrote {len(files)} Neuronpedia batch file(s) to {out}")
 
-
-app.add_typer(dashboard_app, name="dashboard")

@@ -1,7 +1,8 @@
 """The CLI reference page (docs/cli.md), generated from the ``scope`` command itself.
 
-``python -m scope.cli_reference > docs/cli.md`` rewrites it; a test checks that the committed page
-matches the commands, so the reference never drifts from the code.
+``python -m scope.cli.reference > docs/cli.md`` rewrites it; a test checks that the committed page
+matches the commands, so the reference never drifts from the code. It reads the assembled app, so
+it sits above ``scope/cli/__init__.py`` (as ``python -m scope`` does); nothing in the app imports it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from scope.cli import app
 
 HEADER = """# Command-line reference
 
-Generated from the `scope` command by `python -m scope.cli_reference > docs/cli.md`; every
+Generated from the `scope` command by `python -m scope.cli.reference > docs/cli.md`; every
 command also prints this with `--help`. Commands that compute figures print them as JSON with
 `--json`. Bad input exits with status 2 and one line naming the bad value.
 """

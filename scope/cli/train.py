@@ -1,0 +1,155 @@
+"""Training and evaluating dictionaries: ``scope train``, ``scope quickstart``, ``scope eval``.
+
+The top-level commands here are plain functions; scope/cli/__init__.py adds them to ``scope``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from scope.cli.common import DeviceOpt, JsonOpt, emit, friendly
+from scope.errors import ScopeError
+
+
+@friendly
+def train(
+    config: Annotated[str, typer.Argument(help="A YAML config, e.g. sae_configs/gemma-3-270m-res-l6-jumprelu-16k.yaml.")],
+    out: Annotated[str, typer.Option(help="Run folder: dictionaries, metrics.jsonl, checkpoint (resumed if present).")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. trainer.lr=1e-4 (repeatable).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the dictionaries of a config on its activation store (capturing the store first if needed)."""
+    from scope.store.capture import init_distributed
+    from scope.training import ensure_store, last_metrics, load_config
+    from scope.training import train as run_training
+
+    init_distributed()
+    cfg = load_config(config, set_ or [])
+    ensure_store(cfg)
+    t0 = time.time()
+    saved = run_training(cfg, out)
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    last = last_metrics(out)
+    result = {"out": out, "seconds": round(time.time() - t0, 1),
+              "dictionaries": {name: {"path": str(p), **{k.split("/", 1)[1]: v for k, v in last.items()
+                                                        if k.startswith(name + "/")}} for name, p in saved.items()}}
+    lines = [f"{n}: L0 {d.get('l0', float('nan')):.1f}, FVU {d.get('fvu', float('nan')):.3f} -> {d['path']}"
+             for n, d in result["dictionaries"].items()]
+    emit(result, as_json, "\n".join(lines))
+
+
+@friendly
+def quickstart(
+    out: Annotated[str, typer.Option(help="Folder for everything the quickstart writes.")] = "scope-out",
+    tokens: Annotated[int, typer.Option(help="Tokens of text to capture.")] = 100_000,
+    corpus: Annotated[str, typer.Option(help="Bundled corpus.")] = "wiki",
+    d_sae: Annotated[int, typer.Option(help="Latents of the JumpReLU SAE.")] = 4096,
+    train_tokens: Annotated[int, typer.Option(help="Training length in token-steps.")] = 600_000,
+    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 1024,
+    lm_tokens: Annotated[int, typer.Option(help="Held-out tokens for the spliced-in LM loss.")] = 1024,
+    dashboard_features: Annotated[str, typer.Option(help="Features whose dashboards are published (START:STOP).")] = "0:100",
+    dashboard_rows: Annotated[int, typer.Option(help="Store rows the dashboard pass reads.")] = 50_000,
+    as_json: JsonOpt = False,
+) -> None:
+    """The main job on the bundled Gemma 3 270M: capture layer 6, train a JumpReLU SAE, evaluate it, publish
+    its feature dashboards."""
+    from scope.quickstart import check_dashboard_input, run_quickstart
+
+    check_dashboard_input(dashboard_features, d_sae, dashboard_rows, rows_name="--dashboard-rows")
+    done = run_quickstart(out, tokens=tokens, corpus=corpus, d_sae=d_sae, train_tokens=train_tokens,
+                          batch_size=batch_size, lm_tokens=lm_tokens, dashboard_features=dashboard_features,
+                          dashboard_rows=dashboard_rows, log=lambda line: typer.echo(line, err=True))
+    metrics, lm = done.metrics, done.metrics.get("lm") or {}
+    summary = (f"quickstart done in {done.seconds:.0f} s\n  store: {done.store} ({done.held_out_documents} "
+               f"held-out documents)\n  SAE:   {done.sae}\n  L0 {metrics['l0']:.1f}, FVU {metrics['fvu']:.3f}, "
+               f"dead {metrics['dead_fraction']:.1%}")
+    if lm:
+        summary += (f", CE clean {lm['clean_ce']:.3f} -> spliced {lm['spliced_ce']:.3f} "
+                    f"(delta {lm['delta_loss']:.3f} nats, {lm['ce_loss_recovered']:.1%} recovered)")
+    summary += f"\n  dashboards: {done.dashboard}"
+    emit(done.to_dict(), as_json, summary)
+
+
+@friendly
+def eval_(
+    sae: Annotated[list[str], typer.Option(help="Dictionary folder (repeat --sae for a sweep).")],
+    store: Annotated[str, typer.Option(help="Activation store folder or fsspec URL.")],
+    held_out: Annotated[float, typer.Option(help="Fraction of documents held out (split by document, seed 0).")] = 0.1,
+    lm_tokens: Annotated[int, typer.Option(help="Tokens of held-out text for the spliced-in LM loss.")] = 4096,
+    no_lm: Annotated[bool, typer.Option("--no-lm", help="Skip the language-model loss (no model is loaded).")] = False,
+    max_rows: Annotated[Optional[int], typer.Option(help="Cap on held-out rows for the reconstruction metrics.")] = None,
+    device: DeviceOpt = None,
+    html: Annotated[Optional[str], typer.Option(help="Write the L0-vs-FVU frontier of the SAEs to this HTML file.")] = None,
+    labels: Annotated[Optional[list[str]], typer.Option(
+        help="Also score feature selectivity and a label probe over documents with these labels "
+             "(globs such as 'wiki:*'; repeat for more).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """L0, FVU, cosine, dead/dense latents and spliced-in LM loss of SAEs on a store's held-out documents."""
+    from scope.dictionaries.interop import load_any
+    from scope.evals import evaluate_many, load_store_model, write_frontier
+    from scope.models import default_device
+    from scope.store import ActivationStore
+
+    if lm_tokens < 0:
+        raise ScopeError(f"--lm-tokens must be 0 or positive, got {lm_tokens}")
+    test = ActivationStore(store).split(held_out, seed=0)[1]
+    if not test.documents:
+        raise ScopeError(f"the held-out split of {store} ({held_out:.0%} of its {len(ActivationStore(store).documents)} "
+                         "documents) is empty; raise --held-out or capture more tokens")
+    dev = default_device(device)
+    saes: dict[str, object] = {}
+    for p in sae:  # named by folder; the same name twice gets the path instead
+        saes[Path(p).name if Path(p).name not in saes else p] = load_any(p, device=dev)
+    tokens = 0 if no_lm else lm_tokens
+    model = load_store_model(test, device=dev) if tokens else None  # one model for the whole sweep
+    results = evaluate_many(saes, test, model=model, lm_tokens=tokens, max_rows=max_rows, device=dev,
+                            progress=not as_json)
+    if labels:
+        from scope.evals.selectivity import selectivity_metrics
+
+        labelled = test.where(labels)
+        for r, d in zip(results, saes.values()):
+            r["selectivity"] = selectivity_metrics(d, labelled, max_rows=max_rows or 200_000).to_dict()
+    if html:
+        write_frontier(results, html)
+    out = {"store": store, "held_out": held_out, "documents": len(test.documents), "rows": len(test),
+           "html": html, "results": results}
+    emit(out, as_json, _eval_table(out))
+
+
+def _eval_table(out: dict) -> str:
+    head = f"{'sae':<24} {'kind':<9} {'d_sae':>7} {'L0':>8} {'FVU':>7} {'cos':>6} {'dead':>6} {'dense':>6}"
+    head += f" {'CE clean':>8} {'spliced':>8} {'ΔCE':>7} {'rec':>6} {'KL':>7}"
+    lines = [f"held-out: {out['documents']} documents, {out['rows']:,} rows of {out['store']}", head]
+    for r in out["results"]:
+        line = (f"{r['name'][:24]:<24} {r['kind']:<9} {r['d_sae']:>7} {r['l0']:>8.1f} {r['fvu']:>7.4f} "
+                f"{r['cosine']:>6.3f} {r['dead_fraction']:>6.1%} {r['dense_fraction']:>6.1%}")
+        lm = r["lm"]
+        if lm:
+            line += (f" {lm['clean_ce']:>8.3f} {lm['spliced_ce']:>8.3f} {lm['delta_loss']:>7.3f} "
+                     f"{lm['ce_loss_recovered']:>6.3f} {lm['kl']:>7.4f}")
+        lines.append(line)
+    for r in out["results"]:
+        sel = r.get("selectivity")
+        if sel:
+            probe = sel["probe"]
+            lines.append(f"{r['name']}: selectivity over {sel['rows']:,} labelled rows; dead (<1e-5) "
+                         f"{sel['dead_fraction']:.1%}; mean best max-selectivity {sel['mean_max_selectivity']:.3f}; "
+                         f"probe balanced accuracy {probe.get('original', float('nan')):.3f} original vs "
+                         f"{probe.get('reconstructed', float('nan')):.3f} reconstructed (chance {probe['chance']:.3f})")
+            for lab in sel["labels"]:
+                a = lab["above"]
+                lines.append(f"  {lab['label']:<28} rows {lab['rows']:>7,}  features with max-sel >0.5: "
+                             f"{a['maximum>0.5']:>4}  >0.2: {a['maximum>0.2']:>4}  avg-sel >0.5: {a['average>0.5']:>4}"
+                             f"  >0.2: {a['average>0.2']:>4}")
+    if out["html"]:
+        lines.append(f"frontier written to {out['html']}")
+    return "\n".join(lines)

@@ -1,0 +1,200 @@
+"""Gemma Scope releases: Gemma Scope 1's ``params.npz`` and Gemma Scope 2's folders, from disk or the hub.
+
+- Gemma Scope (Lieberum et al. 2024, "Gemma Scope", arXiv 2408.05147; Gemma 2 SAEs): one ``params.npz`` per
+  SAE with ``W_enc``, ``W_dec``, ``b_enc``, ``b_dec``, ``threshold``, at ``layer_L/width_W/average_l0_N/`` in repos
+  ``google/gemma-scope-{2b,9b,27b}-{pt,it}-{res,mlp,att}``. JumpReLU: f = z ⊙ H(z − θ), z = x W_enc + b_enc.
+- Gemma Scope 2 (Gemma 3 SAEs, repos ``google/gemma-scope-2-{270m,1b,4b,12b,27b}-{pt,it}``): one folder per SAE,
+  e.g. ``resid_post/layer_12_width_16k_l0_medium/``, holding ``params.safetensors`` with lower-case ``w_enc``,
+  ``w_dec`` plus ``b_enc``, ``b_dec``, ``threshold`` (same shapes and maths as above) and, optionally, a
+  ``config.json`` with ``architecture: "jump_relu"``, ``model_name`` and ``hf_hook_point_in`` (an HF module path
+  such as ``model.layers.12.output``). This is the layout SAELens 6.x's ``gemma_3`` loader reads; transcoders and
+  CLTs (``hf_hook_point_out``, ``affine_skip_connection``) are refused: they do not reconstruct their input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from scope.dictionaries.interop.hub import hub_errors, short_error
+from scope.dictionaries.interop.tensors import SAE_KEYS, assemble, relu_threshold, scope_names
+from scope.dictionaries.jumprelu import JumpReLU
+from scope.errors import ScopeError
+
+GEMMA_SCOPE_NPZ = "params.npz"
+GEMMA_SCOPE_2_WEIGHTS = "params.safetensors"
+GEMMA_SCOPE_2_CONFIG = "config.json"
+_GS1_REPO = re.compile(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att|transcoders)")
+_GS2_REPO = re.compile(r"gemma-scope-2-(\d+[mb])-(pt|it)")
+_GS2_HF_HOOKS = {  # HF module paths in Gemma Scope 2's config.json -> TransformerLens bridge hook names
+    r"model\.layers\.(\d+)\.output$": "blocks.{}.hook_resid_post",
+    r"model\.layers\.(\d+)\.self_attn\.o_proj\.input$": "blocks.{}.attn.hook_z",
+    r"model\.layers\.(\d+)\.post_feedforward_layernorm\.output$": "blocks.{}.hook_mlp_out",
+}
+
+
+def load_gemma_scope(source: str | Path, path_in_repo: str | None = None, *, revision: str | None = None,
+                     hook: str | None = None, model: str | None = None,
+                     device: str | torch.device | None = None) -> JumpReLU:
+    """A Gemma Scope ``params.npz`` or Gemma Scope 2 ``params.safetensors`` SAE, from disk or the hub.
+
+    ``source`` is a local file or folder, a hub repo id with ``path_in_repo`` (a folder or a file in it), or
+    ``hf://<owner>/<repo>/<path>``. Hook and model are read from the repo id, the path and Gemma Scope 2's
+    ``config.json`` when they are recognisable (``hook``/``model`` override): res SAEs read
+    ``blocks.L.hook_resid_post``, mlp ``blocks.L.hook_mlp_out``, att ``blocks.L.attn.hook_z``.
+    """
+    weights, config, ref = _locate_gemma_scope(source, path_in_repo, revision)
+    tensors = _read_gemma_scope(weights)
+    raw_cfg = json.loads(config.read_text()) if config is not None else {}
+    found_hook, found_model = _gemma_scope_provenance(ref, raw_cfg)
+    hook, model = hook or found_hook, model or found_model
+    d_in, d_sae = tensors["W_enc"].shape
+    cfg = {"kind": "jumprelu", "d_in": int(d_in), "d_sae": int(d_sae), "hook": hook, "model": model}
+    # Gemma Scope's embedding SAEs were trained on the embeddings before Gemma's sqrt(d_model) scale, while
+    # hook_embed includes it (SAELens makes the same correction); an input scale undoes it exactly, b_dec too.
+    scale = 1 / math.sqrt(d_in) if hook == "hook_embed" and _GS1_REPO.search(ref) else 1.0
+    sae = assemble(cfg, tensors, str(weights), input_scale=scale)
+    return sae.to(device) if device is not None else sae
+
+
+def _locate_gemma_scope(source: str | Path, path_in_repo: str | None,
+                        revision: str | None) -> tuple[Path, Path | None, str]:
+    """(weights file, optional config.json, text naming the SAE for provenance) for any accepted source."""
+    text = str(source)
+    if path_in_repo is None and Path(text).exists():
+        weights, config = _local_gemma_scope(Path(text))
+        return weights, config, str(weights.absolute())  # not resolve(): hub-cache files are symlinks to blobs
+    if path_in_repo is None and text.startswith("hf://"):
+        parts = text.removeprefix("hf://").strip("/").split("/")
+        if len(parts) < 3:
+            raise ScopeError(f"hub reference {text!r} needs hf://<owner>/<repo>/<path in repo>")
+        text, path_in_repo = "/".join(parts[:2]), "/".join(parts[2:])
+    if path_in_repo is None:
+        raise ScopeError(f"{text!r} is neither an existing path nor a hub reference; pass a local params.npz or "
+                         f"folder, or a repo id and path, e.g. load_gemma_scope('google/gemma-scope-2b-pt-res', "
+                         f"'layer_20/width_16k/average_l0_71')")
+    weights, config = _hub_gemma_scope(text, path_in_repo.strip("/"), revision)
+    return weights, config, f"{text}/{path_in_repo}"
+
+
+def _local_gemma_scope(path: Path) -> tuple[Path, Path | None]:
+    """The weights file (and Gemma Scope 2 config.json, if beside it) of a local file or folder."""
+    if path.is_dir():
+        named = [path / n for n in (GEMMA_SCOPE_NPZ, GEMMA_SCOPE_2_WEIGHTS) if (path / n).exists()]
+        if not named:
+            raise ScopeError(f"{str(path)!r} holds neither {GEMMA_SCOPE_NPZ} (Gemma Scope) nor "
+                             f"{GEMMA_SCOPE_2_WEIGHTS} (Gemma Scope 2)")
+        path = named[0]
+    if path.suffix not in (".npz", ".safetensors"):
+        raise ScopeError(f"{str(path)!r} is not a Gemma Scope file: expected a .npz (Gemma Scope) or "
+                         f".safetensors (Gemma Scope 2)")
+    config = path.parent / GEMMA_SCOPE_2_CONFIG
+    return path, config if path.suffix == ".safetensors" and config.exists() else None
+
+
+def _hub_gemma_scope(repo_id: str, path_in_repo: str, revision: str | None) -> tuple[Path, Path | None]:
+    """Download one Gemma Scope SAE (and Gemma Scope 2's optional config.json) with hf_hub_download."""
+    if path_in_repo.endswith((".npz", ".safetensors")):
+        filename = path_in_repo
+    else:
+        name = GEMMA_SCOPE_2_WEIGHTS if _GS2_REPO.search(repo_id) else GEMMA_SCOPE_NPZ
+        filename = f"{path_in_repo}/{name}"
+    weights = _download(repo_id, filename, revision)
+    if not filename.endswith(".safetensors"):
+        return weights, None
+    folder = filename.rpartition("/")[0]
+    return weights, _download(repo_id, f"{folder}/{GEMMA_SCOPE_2_CONFIG}".lstrip("/"), revision, optional=True)
+
+
+def _download(repo_id: str, filename: str, revision: str | None, optional: bool = False) -> Path | None:
+    """One file from the hub (cached by huggingface_hub); a ScopeError that says what to do when it fails."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except EntryNotFoundError as err:  # includes "offline and not in the cache"
+        if optional:
+            return None
+        failure: BaseException = err
+    except hub_errors() as err:
+        failure = err
+    at = f"{repo_id}/{filename}" + (f"@{revision}" if revision else "")
+    raise ScopeError(f"could not fetch {at!r} from the Hugging Face hub ({short_error(failure)}). Offline or without "
+                     f"access? Download it where the hub is reachable and pass the local path, e.g. "
+                     f"load_gemma_scope('/path/to/{filename.rpartition('/')[2]}')") from failure
+
+
+def _read_gemma_scope(path: Path) -> dict[str, torch.Tensor]:
+    """The five JumpReLU tensors of a params.npz / params.safetensors, renamed to scope's W_enc/W_dec."""
+    if path.suffix == ".npz":
+        with np.load(path) as data:  # allow_pickle stays False: arrays only
+            raw = {k: torch.from_numpy(np.asarray(data[k], dtype=np.float32)) for k in data.files}
+    else:
+        raw = load_file(str(path))
+    if "affine_skip_connection" in raw:
+        raise ScopeError(f"{str(path)!r} is a skip transcoder (affine_skip_connection); scope dictionaries "
+                         f"reconstruct their input, so only Gemma Scope SAEs convert")
+    sd = {k: v.float() for k, v in scope_names(raw).items()}
+    expected = (*SAE_KEYS, "threshold")
+    if sorted(sd) != sorted(expected):
+        raise ScopeError(f"{str(path)!r} has tensors {sorted(raw)}; a Gemma Scope SAE has {list(expected)} "
+                         f"(Gemma Scope 2 spells w_enc, w_dec)")
+    sd["threshold"] = relu_threshold(sd["threshold"])  # Gemma Scope's reference code also applies relu
+    if sd["W_enc"].ndim != 2:
+        raise ScopeError(f"{str(path)!r}: W_enc has shape {tuple(sd['W_enc'].shape)}, expected [d_in, d_sae]")
+    return sd
+
+
+def _gemma_scope_provenance(ref: str, raw_cfg: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(hook, model) read from a Gemma Scope repo id/path and Gemma Scope 2's config.json, where recognisable."""
+    _refuse_transcoders(ref, raw_cfg)
+    layer = re.search(r"layer_(\d+)", ref)
+    if m := _GS1_REPO.search(ref):
+        size, variant, site = m.groups()
+        model = f"google/gemma-2-{size}" + ("-it" if variant == "it" else "")
+        if site == "res" and "embedding" in ref:
+            return "hook_embed", model
+        sites = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "attn.hook_z"}
+        return (f"blocks.{layer.group(1)}.{sites[site]}" if layer else None), model
+    model = _gemma_3_model(ref, raw_cfg)
+    hf_hook = str(raw_cfg.get("hf_hook_point_in") or "")
+    for pattern, name in _GS2_HF_HOOKS.items():
+        if h := re.search(pattern, hf_hook):
+            return name.format(h.group(1)), model
+    sites = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out", "attn_out": "attn.hook_z"}
+    site = next((s for s in sites if s in ref), None)
+    return (f"blocks.{layer.group(1)}.{sites[site]}" if layer and site else None), model
+
+
+def _refuse_transcoders(ref: str, raw_cfg: dict[str, Any]) -> None:
+    """Transcoders map one site to another; as dictionaries they would be silently wrong."""
+    arch = raw_cfg.get("architecture", "jump_relu")
+    if arch != "jump_relu":
+        raise ScopeError(f"Gemma Scope config architecture {arch!r} is not supported; only 'jump_relu' SAEs convert")
+    # Only the part after a recognised Gemma Scope repo name is looked at, so a local folder name cannot trip it.
+    repo = _GS1_REPO.search(ref) or _GS2_REPO.search(ref)
+    inside = ref[repo.end():].lower().split("/") if repo else []
+    named = (repo and repo.group(0).endswith("transcoders")) or any(
+        part.startswith(("transcoder", "clt")) for part in inside)
+    if named or raw_cfg.get("hf_hook_point_out") or "affine_connection" in raw_cfg:
+        raise ScopeError(f"{ref!r} is a transcoder (it writes a different site than it reads); only Gemma Scope "
+                         f"SAEs (res, mlp, att / resid_post, mlp_out, attn_out) convert to scope dictionaries")
+
+
+def _gemma_3_model(ref: str, raw_cfg: dict[str, Any]) -> str | None:
+    """The Gemma 3 HF id of a Gemma Scope 2 SAE (google/gemma-3-270m has no -pt suffix on the hub)."""
+    if m := _GS2_REPO.search(ref):
+        size, variant = m.groups()
+    elif m := re.search(r"gemma-(?:v)?3-(\d+[mb])-(pt|it)", str(raw_cfg.get("model_name", ""))):
+        size, variant = m.groups()
+    else:
+        return None
+    return f"google/gemma-3-{size}" + ("" if (size, variant) == ("270m", "pt") else f"-{variant}")
