@@ -103,6 +103,8 @@ class ShardReader:
                 self._verify()
             (n,) = struct.unpack("<Q", fs.read_bytes(info.name, 0, 8))
             header = json.loads(fs.read_bytes(info.name, 8, 8 + n))
+        except ScopeError:  # the checksum's own message (ScopeError is a ValueError)
+            raise
         except FileNotFoundError:
             raise ScopeError(missing_shards([info], fs, advice)) from None
         except (ValueError, struct.error, OSError) as err:
