@@ -392,8 +392,12 @@ def _check_out(out: Path, cfg: TrainConfig) -> None:
                              f"{CONFIG_COPY}); choose an empty or new folder")
         return
     if not (out / CHECKPOINT).exists() and (out / CONFIG_COPY).read_text() != _yaml(cfg):
-        raise ScopeError(f"{str(out)!r} holds a run with a different config; resume needs the same config "
-                         f"(compare with its {CONFIG_COPY}) or choose a new --out")
+        raise _other_run(out)
+
+
+def _other_run(out: Path) -> ScopeError:
+    return ScopeError(f"{str(out)!r} holds a run with a different config; resume needs the same config "
+                      f"(compare with its {CONFIG_COPY}) or choose a new --out")
 
 
 def _resume(out: Path, cfg: TrainConfig, runs: list[Trained]) -> int:
@@ -403,8 +407,7 @@ def _resume(out: Path, cfg: TrainConfig, runs: list[Trained]) -> int:
         raise ScopeError(f"{out / CHECKPOINT / 'state.json'} is not a scope training checkpoint (needs step and "
                          f"config_hash); {restart}")
     if meta["config_hash"] != config_hash(cfg):
-        raise ScopeError(f"{str(out)!r} holds a run with a different config; resume needs the same config "
-                         f"(compare with its {CONFIG_COPY}) or choose a new --out")
+        raise _other_run(out)
     tensors = read_safetensors(out / CHECKPOINT / "state.safetensors", restart)
     try:
         _restore(tensors, runs)
