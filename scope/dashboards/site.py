@@ -233,8 +233,8 @@ def _write_stubs(fs: StoreFS, env: Environment, records: list[dict[str, Any]], i
 
 def read_site_json(fs: StoreFS, rel: str) -> Any:
     """A JSON file of a site, or a ScopeError naming it when it is not JSON."""
-    return parse_json(fs.read_bytes(rel), fs.url(rel), f"it is not part of a scope dashboard site; choose another "
-                      "--out, or delete the file if the site is yours")
+    return parse_json(fs.read_bytes(rel), fs.url(rel), "it is not part of a scope dashboard site; publish into "
+                      "another --out, or pass --overwrite to start this site afresh")
 
 
 def read_index(out: str) -> dict[int, dict[str, Any]]:
@@ -244,8 +244,8 @@ def read_index(out: str) -> dict[int, dict[str, Any]]:
         return {}
     data = read_site_json(fs, "data/index.json")
     if not isinstance(data, dict) or not isinstance(data.get("features"), list):
-        raise ScopeError(f"{fs.url('data/index.json')} is not a dashboard index (no \"features\" list); it is not "
-                         "part of a scope dashboard site")
+        raise ScopeError(f"{fs.url('data/index.json')} is not a dashboard index (no \"features\" list); publish "
+                         "into another --out, or pass --overwrite to start this site afresh")
     return {int(r["feature"]): r for r in data["features"]}
 
 
