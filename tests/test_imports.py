@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "scope"
 # The package map of docs/architecture.md, lowest layer first: a part may import its own layer and those below.
-LAYERS = [{"scope", "errors"}, {"models", "hooks", "data"}, {"store"}, {"dictionaries", "analysis", "steering"},
+LAYERS = [{"scope", "errors", "files"}, {"models", "hooks", "data"}, {"store"}, {"dictionaries", "analysis", "steering"},
           {"training", "evals", "dashboards"}, {"quickstart"}, {"cli", "__main__"}]
 
 

@@ -25,14 +25,14 @@ HOOK = "blocks.6.hook_resid_post"
 
 
 def synthetic_store(url: str, rows_per_shard: list[int], width: int = 16, dtype=torch.float32, seed: int = 0,
-                    docs_per_shard: int = 4) -> dict[str, torch.Tensor]:
+                    docs_per_shard: int = 4, hooks: tuple[str, ...] = ("x",)) -> dict[str, torch.Tensor]:
     """Write a store with scope's own writer from known random data; return the data written."""
     fs = StoreFS(url)
     g = torch.Generator().manual_seed(seed)
     infos, parts, doc_rows, first_doc = [], [], {}, 0
     for i, n in enumerate(rows_per_shard):
         cols = {
-            "x": (torch.randn(n, width, generator=g) * 100).to(dtype),
+            **{h: (torch.randn(n, width, generator=g) * 100).to(dtype) for h in hooks},
             "token_id": torch.randint(0, 1000, (n,), generator=g, dtype=torch.int32),
             "doc_id": first_doc + torch.arange(n, dtype=torch.int64) * docs_per_shard // n,
             "position": torch.arange(n, dtype=torch.int32) % 64,
@@ -43,7 +43,7 @@ def synthetic_store(url: str, rows_per_shard: list[int], width: int = 16, dtype=
             doc_rows[d] = (lab, c + 1)
         infos.append(write_shard(fs, i, cols, first_window=i, n_windows=1, rank=0))
         parts.append(cols)
-    cfg = StoreConfig(model="synthetic", model_revision=None, model_dtype="float32", hooks={"x": [width]},
+    cfg = StoreConfig(model="synthetic", model_revision=None, model_dtype="float32", hooks={h: [width] for h in hooks},
                       dtype=str(dtype).removeprefix("torch."), source=SourceInfo(spec="synthetic", fingerprint="0"),
                       seed=0, context=64, excluded=["bos"], shard_rows=max(rows_per_shard))
     write_documents(fs, doc_rows)

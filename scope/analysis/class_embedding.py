@@ -170,27 +170,60 @@ class DirectionClasses:
     top_logits: torch.Tensor
     bottom_ids: torch.Tensor
     bottom_logits: torch.Tensor
+    hist_edges: list[list[float]] | None = None  # per direction: equal bins, on round numbers, over all its logits
+    hist_counts: list[list[int]] | None = None  # per direction: classes per bin
 
     def named(self, i: int, names: Callable[[list[int]], list[str]]) -> dict[str, Any]:
         """Direction ``i`` with class names from ``names`` (e.g. the tokenizer's decode per id)."""
-        return {"top": list(zip(names(self.top_ids[i].tolist()), self.top_logits[i].tolist())),
-                "bottom": list(zip(names(self.bottom_ids[i].tolist()), self.bottom_logits[i].tolist()))}
+        out = {"top": list(zip(names(self.top_ids[i].tolist()), self.top_logits[i].tolist())),
+               "bottom": list(zip(names(self.bottom_ids[i].tolist()), self.bottom_logits[i].tolist()))}
+        if self.hist_counts is not None:
+            out["histogram"] = {"edges": self.hist_edges[i], "counts": self.hist_counts[i]}
+        return out
 
 
 @torch.no_grad()
-def direction_classes(space: ClassSpace, directions: torch.Tensor, k: int = 10, chunk: int = 256) -> DirectionClasses:
-    """Top and bottom ``k`` classes of each direction ``[n, d]`` (value vectors, decoder rows) through the final norm."""
+def direction_classes(space: ClassSpace, directions: torch.Tensor, k: int = 10, chunk: int = 256,
+                      bins: int = 0) -> DirectionClasses:
+    """Top and bottom ``k`` classes of each direction ``[n, d]`` (value vectors, decoder rows) through the final norm;
+    with ``bins``, also a histogram of its logits over every class."""
     if directions.ndim != 2:
         raise ScopeError(f"directions must be a matrix [n, d], got shape {tuple(directions.shape)}")
     k = min(k, space.n_classes)
-    parts = []
+    parts, edges, counts = [], [], []
     for a in range(0, len(directions), chunk):
         # A direction carries no bias, and the soft-cap is monotone: rank by the embedding alone.
         d = directions[a : a + chunk].to(space.embedding.device, space.embedding.dtype)
         z = space.norm(d) @ space.embedding.T
         top, bot = z.topk(k, -1), z.topk(k, -1, largest=False)
         parts.append((top.indices.cpu(), top.values.float().cpu(), bot.indices.cpu(), bot.values.float().cpu()))
-    return DirectionClasses(*(torch.cat(p) for p in zip(*parts)))
+        if bins:
+            e, c = _row_histograms(z, bins)
+            edges += e
+            counts += c
+    return DirectionClasses(*(torch.cat(p) for p in zip(*parts)), *((edges, counts) if bins else ()))
+
+
+def _row_histograms(z: torch.Tensor, bins: int) -> tuple[list[list[float]], list[list[int]]]:
+    """Edges and counts of a histogram of each row of ``z`` in about ``bins`` bins of a round width (1, 2 or 5
+    times a power of ten) starting at a multiple of it.
+
+    Round edges are the same whichever rows share the batch (the logits of one direction move in their
+    last bits with the batch's shape), and they read well on an axis.
+    """
+    z = z.double()
+    lo, hi = z.amin(-1), z.amax(-1)
+    raw = ((hi - lo) / bins).clamp_min(1e-12)
+    power = torch.pow(10.0, torch.floor(torch.log10(raw)))
+    step = power * torch.where(raw <= power, 1.0, torch.where(raw <= 2 * power, 2.0, torch.where(raw <= 5 * power, 5.0, 10.0)))
+    first = torch.floor(lo / step)
+    which = torch.floor(z / step[:, None] - first[:, None]).long()
+    n = which.amax(-1) + 1
+    full = torch.zeros((len(z), int(n.max())), dtype=torch.long, device=z.device)
+    full.scatter_add_(1, which, torch.ones_like(which))
+    edges = [((f + torch.arange(int(m) + 1, dtype=torch.float64)) * s).tolist()
+             for f, m, s in zip(first.cpu(), n.cpu(), step.cpu())]
+    return edges, [row[: int(m)].tolist() for row, m in zip(full.cpu(), n.cpu())]
 
 
 def memory_agreement(activations: torch.Tensor, memory_top: torch.Tensor, target: torch.Tensor,

@@ -207,14 +207,15 @@ def mlp_memories(model: LoadedModel, windows: Sequence[Window], space: ClassSpac
 
 
 def feature_tokens(model: LoadedModel, decoder: torch.Tensor, k: int = 10,
-                   features: Sequence[int] | None = None) -> list[dict]:
+                   features: Sequence[int] | None = None, bins: int = 0) -> list[dict]:
     """Top and bottom tokens of dictionary features: decoder rows ``[d_sae, d_model]`` through the
-    final norm onto the unembedding (the logit effects a feature dashboard shows)."""
+    final norm onto the unembedding (the logit effects a feature dashboard shows); with ``bins``, also a
+    histogram of the effect over the whole vocabulary."""
     if decoder.ndim != 2 or decoder.shape[1] != model.facts.d_model:
         raise ScopeError(f"decoder of shape {tuple(decoder.shape)} does not fit {model.spec} "
                          f"(d_model {model.facts.d_model}); pass W_dec [d_sae, d_model]")
     idx = list(range(decoder.shape[0])) if features is None else list(features)
-    found = direction_classes(gemma_class_space(model), decoder[idx].detach(), k=k)
+    found = direction_classes(gemma_class_space(model), decoder[idx].detach(), k=k, bins=bins)
 
     def names(ids: list[int]) -> list[str]:
         return [model.tokenizer.decode([i]) for i in ids]

@@ -21,6 +21,8 @@ def dashboard_publish(
     features: Annotated[Optional[str], typer.Option(help="Features to publish: START:STOP, indices or a comma list "
                                                          "(e.g. 0:500 or 3,17,42); default: all.")] = None,
     hook: Annotated[Optional[str], typer.Option(help="Store hook the dictionary reads (default: its own).")] = None,
+    force_hook: Annotated[bool, typer.Option("--force-hook",
+                                             help="Accept a --hook other than the dictionary's own.")] = False,
     max_rows: Annotated[Optional[int], typer.Option(help="Read at most this many rows of the store.")] = None,
     top_k: Annotated[int, typer.Option(help="Top activating examples per feature.")] = 20,
     intervals: Annotated[int, typer.Option(help="Quantile intervals of the firing activations.")] = 10,
@@ -50,7 +52,7 @@ def dashboard_publish(
         raise ScopeError(f"--{str(first['loc'][0]).replace('_', '-')} {first['input']!r} is not accepted: "
                          f"{first['msg'].lower()}") from None
     done = publish(sae, store, out, features, hook=hook, cfg=cfg, name=name, logits=logits, overwrite=overwrite,
-                   device=device, neuronpedia=neuronpedia, progress=not as_json)
+                   device=device, neuronpedia=neuronpedia, progress=not as_json, force_hook=force_hook)
     result = done.to_dict()
     human = (f"published {result['features']} features ({result['first']}…{result['last']}) from {result['rows']:,} "
              f"rows in {result['seconds']:.1f} s ({result['features_per_s']:.1f} features/s); the site holds "

@@ -13,6 +13,7 @@ when a table is switched off)::
     feature_index                     the feature's index in the dictionary
     frac_nonzero                      firing density: share of rows with activation > 0
     freq_hist_data_bar_values/_heights  activation histogram: bin centres and row counts
+    logits_hist_data_bar_values/_heights  the decoder direction's logit effect on every token: bin centres, counts
     pos_str / pos_values              tokens the decoder direction promotes most, and their logits
     neg_str / neg_values              ... suppresses most
     correlated_features_indices / _pearson  most correlated other features (Pearson r over the rows)
@@ -30,7 +31,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from scope.dashboards.site import SITE_META, feature_data, read_index, safe_name
+from scope.dashboards.site import SITE_META, feature_data, read_index, read_site_json, safe_name
 from scope.errors import ScopeError
 from scope.hooks import block_of
 from scope.store.fs import StoreFS
@@ -38,13 +39,13 @@ from scope.store.fs import StoreFS
 BATCH_FEATURES = 128
 _EMPTY_TABLES = ("neuron_alignment_indices", "neuron_alignment_values", "neuron_alignment_l1",
                  "correlated_neurons_indices", "correlated_neurons_l1", "correlated_neurons_pearson",
-                 "correlated_features_l1", "logits_hist_data_bar_heights", "logits_hist_data_bar_values",
-                 "decoder_weights_dist")
+                 "correlated_features_l1", "decoder_weights_dist")
 
 
 def neuronpedia_feature(rec: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     """One feature's record in Neuronpedia's batch shape."""
     edges, heights = rec["histogram"]["edges"], rec["histogram"]["counts"]
+    logit_edges = rec["logit_histogram"]["edges"]
     acts = [_activation(e, -1, rec["max"], -1) for e in rec["top"]]
     acts += [_activation(e, iv["lo"], iv["hi"], iv["contains"]) for iv in rec["intervals"] for e in iv["examples"]]
     return {
@@ -56,6 +57,8 @@ def neuronpedia_feature(rec: dict[str, Any], meta: dict[str, Any]) -> dict[str, 
         "frac_nonzero": rec["density"],
         "freq_hist_data_bar_values": [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])],
         "freq_hist_data_bar_heights": heights,
+        "logits_hist_data_bar_values": [(a + b) / 2 for a, b in zip(logit_edges[:-1], logit_edges[1:])],
+        "logits_hist_data_bar_heights": rec["logit_histogram"]["counts"],
         "n_prompts_total": meta["windows"], "n_tokens_in_prompt": meta["context"], "dataset": meta["corpus"],
         "activations": acts,
     }
@@ -81,7 +84,7 @@ def write_neuronpedia(site: str, out: str, batch_features: int = BATCH_FEATURES)
                          "publish` first")
     if batch_features <= 0:
         raise ScopeError(f"batch_features must be positive, got {batch_features}")
-    meta = json.loads(fs.read_bytes(SITE_META))
+    meta = read_site_json(fs, SITE_META)
     features = sorted(read_index(site))
     dest = StoreFS(out)
     dest.makedirs()
@@ -89,7 +92,7 @@ def write_neuronpedia(site: str, out: str, batch_features: int = BATCH_FEATURES)
     head = {"model_id": meta["model"].rsplit("/", 1)[-1], "layer": layer_of(meta["hook"]),
             "sae_set": safe_name(meta["name"]), "sae_id_suffix": None}
     for n, a in enumerate(range(0, len(features), batch_features)):
-        batch = {**head, "features": [neuronpedia_feature(json.loads(fs.read_bytes(feature_data(f))), meta)
+        batch = {**head, "features": [neuronpedia_feature(read_site_json(fs, feature_data(f)), meta)
                                       for f in features[a : a + batch_features]]}
         dest.write_atomic(f"batch-{n}.json", json.dumps(batch).encode())
         written.append(dest.path(f"batch-{n}.json"))

@@ -21,7 +21,7 @@ import torch
 from scope.analysis.logit_lens import feature_tokens
 from scope.dashboards.neuronpedia import write_neuronpedia
 from scope.dashboards.records import feature_record, summary, token_names
-from scope.dashboards.site import SITE_FORMAT, SITE_META, SITE_VERSION, read_index, render_site
+from scope.dashboards.site import SITE_FORMAT, SITE_META, SITE_VERSION, read_index, read_site_json, render_site
 from scope.dashboards.stats import StatsConfig, dictionary_hook, feature_stats, parse_features
 from scope.dictionaries.base import Dictionary
 from scope.dictionaries.interop import load_any
@@ -30,6 +30,9 @@ from scope.models import LoadedModel, default_device
 from scope.store.fs import StoreFS
 from scope.store.reader import ActivationStore
 from scope.store.windows import load_store_model
+
+
+LOGIT_BINS = 60
 
 
 @dataclass
@@ -78,7 +81,8 @@ def site_meta(sae: Dictionary, store: ActivationStore, hook: str, cfg: StatsConf
         "corpus": info.source.spec, "context": info.context, "rows": rows,
         "windows": round(sum(s.n_windows for s in store.manifest.shards) * rows / max(len(store), 1)),
         # Compared by content, so another spelling of the same path is the same site.
-        "sae": {"kind": sae.kind, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "fingerprint": fingerprint(sae)},
+        "sae": {"kind": sae.kind, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "hook": sae.cfg.hook,
+                "fingerprint": fingerprint(sae)},
         "store": {"documents": len(store.documents),
                   "fingerprint": hashlib.sha256(store.manifest.model_dump_json().encode()).hexdigest()[:16]},
         "sae_source": source, "store_url": store.url,
@@ -90,11 +94,15 @@ def _check_site(out: str, meta: dict[str, Any], overwrite: bool) -> None:
     """Refuse to mix two computations in one site; with ``overwrite``, clear the old one."""
     fs = StoreFS(out)
     if not fs.exists(SITE_META):
-        if fs.exists("index.html") and not overwrite:
-            raise ScopeError(f"{out!r} holds an index.html but no {SITE_META}; it is not a scope dashboard site. "
-                             "Choose another --out (or pass --overwrite to replace it)")
+        # Only an empty folder becomes a site: pages written into a store or a run would mix with its files.
+        if [p for p in fs.listdir() if not p.startswith(".")]:
+            raise ScopeError(f"--out {out!r} is a non-empty folder that is not a scope dashboard site (it has no "
+                             f"{SITE_META}); choose an empty or new folder, or the folder of an existing site")
         return
-    old = json.loads(fs.read_bytes(SITE_META))
+    old = read_site_json(fs, SITE_META)
+    if not isinstance(old, dict) or old.get("format") != SITE_FORMAT:
+        raise ScopeError(f"{fs.url(SITE_META)} is not the {SITE_META} of a scope dashboard site; choose an empty or "
+                         "new --out folder")
     keys = ("format", "version", "name", "hook", "model", "corpus", "rows", "sae", "store", "settings")
     diff = [k for k in keys if old.get(k) != meta.get(k)]
     if diff and not overwrite:
@@ -109,8 +117,11 @@ def publish(sae: Dictionary | str | Path, store: ActivationStore | str, out: str
             features: str | Sequence[int] | None = None, *, hook: str | None = None, cfg: StatsConfig | None = None,
             model: LoadedModel | None = None, name: str | None = None, logits: int = 10, overwrite: bool = False,
             device: str | torch.device | None = None, neuronpedia: str | None = None,
-            progress: bool = True) -> Published:
-    """Compute the dashboards of ``features`` (default: all) over ``store`` and write them into site ``out``."""
+            progress: bool = True, force_hook: bool = False) -> Published:
+    """Compute the dashboards of ``features`` (default: all) over ``store`` and write them into site ``out``.
+
+    ``hook`` other than the dictionary's own is refused unless ``force_hook``.
+    """
     t0 = time.time()
     cfg = cfg or StatsConfig()
     dev = default_device(device)
@@ -118,27 +129,31 @@ def publish(sae: Dictionary | str | Path, store: ActivationStore | str, out: str
     if not isinstance(sae, Dictionary):
         sae = load_any(sae, device=dev)
     store = ActivationStore(store) if isinstance(store, str) else store
-    hook = dictionary_hook(sae, store, hook)
+    hook = dictionary_hook(sae, store, hook, force_hook)
     chosen = parse_features(features, sae.cfg.d_sae)
     if logits < 0:
         raise ScopeError(f"logits must be 0 or more (tokens per logit table), got {logits}")
     title = name or (Path(source).name if source != "(in memory)" else f"{sae.kind}-{sae.cfg.d_sae}")
     meta = site_meta(sae, store, hook, cfg, title, source)
     _check_site(out, meta, overwrite)
-    stats = feature_stats(sae, store, chosen, hook=hook, cfg=cfg, device=dev, progress=progress)
+    index = read_index(out)  # a bad index fails now, not after the pass
+    stats = feature_stats(sae, store, chosen, hook=hook, cfg=cfg, device=dev, progress=progress,
+                          force_hook=True)  # the hook was settled above
     model = model or load_store_model(store, device=dev)
     tok = model.tokenizer
     names = token_names(stats, lambda ids: tok.batch_decode([[i] for i in ids]))
     effects = {}
     if logits:
         directions = decoder_directions(sae, chosen).to(model.device)
-        found = feature_tokens(model, directions, k=logits)
-        effects = {f: {"top": r["top"], "bottom": r["bottom"]} for f, r in zip(chosen, found)}
+        found = feature_tokens(model, directions, k=logits, bins=LOGIT_BINS)
+        effects = dict(zip(chosen, found))
     records = [feature_record(s, names, effects.get(s.feature)) for s in stats]
-    index = read_index(out)
     index.update({r["feature"]: summary(r) for r in records})
+    # site.json first: a publish stopped among its pages leaves a folder that is still this site's
+    site = StoreFS(out)
+    site.makedirs()
+    site.write_atomic(SITE_META, json.dumps(meta, indent=1).encode())
     written = render_site(out, records, index, meta, progress=progress)
-    StoreFS(out).write_atomic(SITE_META, json.dumps(meta, indent=1).encode())
     exported = write_neuronpedia(out, neuronpedia) if neuronpedia else []
     return Published(index=written["index"], folder=written["folder"], features=chosen, rows=meta["rows"],
                      seconds=time.time() - t0, site_features=len(index), neuronpedia=exported)

@@ -25,10 +25,16 @@ def example_record(e: Example, names: dict[int, str]) -> dict[str, Any]:
             "values": [_f(v) for v in e.values]}
 
 
-def feature_record(s: FeatureStats, names: dict[int, str], logits: dict[str, list] | None = None) -> dict[str, Any]:
-    """Everything a feature page shows, as JSON-ready data."""
+def feature_record(s: FeatureStats, names: dict[int, str], logits: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a feature page shows, as JSON-ready data.
+
+    ``logits`` holds the ``top`` and ``bottom`` (token, logit) pairs and, optionally, the ``histogram``
+    of the logit effect over the whole vocabulary.
+    """
     top = [example_record(e, names) for e in s.top]
     firing = Counter(r["tokens"][r["focus"]] for r in top)
+    logits = logits or {}
+    hist = logits.get("histogram") or {"edges": [], "counts": []}
     return {
         "feature": s.feature, "rows": s.rows, "count": s.count, "density": s.density, "max": _f(s.max),
         "mean": _f(s.mean),
@@ -37,8 +43,10 @@ def feature_record(s: FeatureStats, names: dict[int, str], logits: dict[str, lis
         "intervals": [{"lo": _f(iv.lo), "hi": _f(iv.hi), "contains": iv.contains,
                        "examples": [example_record(e, names) for e in iv.examples]} for iv in s.intervals],
         "top_tokens": [t for t, _ in firing.most_common(5)],
-        "logits": {k: [[t, _f(v)] for t, v in pairs] for k, pairs in (logits or {"top": [], "bottom": []}).items()},
+        "logits": {k: [[t, _f(v)] for t, v in logits.get(k, [])] for k in ("top", "bottom")},
+        "logit_histogram": {"edges": [_f(x) for x in hist["edges"]], "counts": list(hist["counts"])},
         "correlated": [[j, round(r, 4)] for j, r in s.correlated],
+        "dictionary_density": s.dictionary.log_density if s.dictionary is not None else None,
     }
 
 

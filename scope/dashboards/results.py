@@ -6,7 +6,12 @@ records; keeping the types here lets those modules import them without importing
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 
 @dataclass
@@ -33,6 +38,27 @@ class Interval:
 
 
 @dataclass
+class DictionaryFiring:
+    """On how many of the pass's rows every feature of the dictionary fired; one object shared by all features."""
+
+    rows: int
+    fired: list[int]  # per feature of the dictionary
+
+    @functools.cached_property
+    def log_density(self) -> dict[str, Any]:
+        """A histogram of log10 firing density over the dictionary's features that fired, and how many never did."""
+        fired = np.asarray(self.fired, dtype=np.float64)
+        alive = fired[fired > 0] / max(self.rows, 1)
+        lo = math.floor(math.log10(1 / max(self.rows, 1)))
+        counts, edges = np.histogram(np.log10(alive), bins=DENSITY_BINS, range=(lo, 0))
+        return {"edges": [round(float(e), 4) for e in edges], "counts": counts.tolist(),
+                "dead": int((fired == 0).sum())}
+
+
+DENSITY_BINS = 40
+
+
+@dataclass
 class FeatureStats:
     feature: int
     rows: int  # rows the pass read
@@ -44,6 +70,7 @@ class FeatureStats:
     top: list[Example]
     intervals: list[Interval]
     correlated: list[tuple[int, float]]  # (feature, Pearson r), highest first
+    dictionary: DictionaryFiring | None = None
 
     @property
     def density(self) -> float:

@@ -21,6 +21,8 @@ How each piece stays vectorised and bounded (memory does not grow with the store
 * **Quantile intervals** are cut at bin edges from that histogram, so the share of firing rows each
   interval holds is exact; the sample's rows are sorted into them (SAEDashboard shows equal-width
   intervals of the activation range instead; quantiles keep every interval populated).
+* **Density among the dictionary's features**: every feature's firing rows are counted in the same pass
+  (one comparison per batch of codes), so a page can show where its feature lies among all of them.
 * **Correlations** need Σ f_i f_j over rows for the chosen features against all features: the chosen
   codes go in as a sparse CSR matrix, so the cost follows the number of firings, not rows × features.
 * **Contexts**: the activations of the ``left`` rows before and ``right`` rows after an example are cut
@@ -38,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from scope.dashboards.contexts import attach_tokens
-from scope.dashboards.results import Example, FeatureStats, Interval
+from scope.dashboards.results import DictionaryFiring, Example, FeatureStats, Interval
 from scope.dictionaries.base import Dictionary
 from scope.errors import ScopeError
 from scope.store.reader import ActivationStore
@@ -163,6 +165,7 @@ class _Pass:
         n, width = len(features), cfg.left + 1 + cfg.right
         self.cfg, self.features, self.device = cfg, features, device
         self.rows = 0
+        self.fired_all = torch.zeros(m, dtype=torch.long, device=device)
         self.count = torch.zeros(n, dtype=torch.long, device=device)
         self.total = torch.zeros(n, dtype=torch.float64, device=device)
         self.max = torch.zeros(n, device=device)
@@ -181,6 +184,7 @@ class _Pass:
         ``codes_all`` (every feature) is clamped in place; ``codes`` (the chosen ones) is not touched.
         """
         codes = codes.clamp_min(0)
+        self.fired_all += (codes_all > 0).sum(0)
         r, f = codes.nonzero(as_tuple=True)
         v = codes[r, f]
         self.count += torch.bincount(f, minlength=len(self.features))
@@ -269,18 +273,29 @@ def _index(text, spec, default: int | None) -> int:
                          f"e.g. 0:500 or 3,17,42") from None
 
 
-def dictionary_hook(sae: Dictionary, store: ActivationStore, hook: str | None = None) -> str:
-    """The store hook a dictionary reads: ``hook``, else its own, else the only one of its width."""
-    d = sae.cfg.d_in
+def dictionary_hook(sae: Dictionary, store: ActivationStore, hook: str | None = None, force: bool = False) -> str:
+    """The store hook a dictionary reads: its own, else the only one of its width; ``hook`` other than its own
+    only with ``force``."""
+    d, own = sae.cfg.d_in, sae.cfg.hook
+    force_flag = " --force-hook" if own is not None else ""
     if hook is None:
-        if sae.cfg.hook in store.hooks:
-            hook = sae.cfg.hook
+        if own in store.hooks:
+            hook = own
         else:
             fits = [h for h in store.hooks if store.width(h) == d]
-            if len(fits) != 1:
-                raise ScopeError(f"cannot tell which hook of store {store.url!r} the dictionary (d_in {d}, hook "
-                                 f"{sae.cfg.hook!r}) reads: hooks {store.hooks}; pass --hook")
+            if not fits:
+                raise ScopeError(f"store {store.url!r} holds no hook of the dictionary's width d_in {d} (its hooks: "
+                                 f"{', '.join(f'{h} width {store.width(h)}' for h in store.hooks)}); use a store "
+                                 f"captured at {own or 'the hook the dictionary was trained on'}")
+            if len(fits) > 1:
+                raise ScopeError(f"store {store.url!r} does not hold the dictionary's hook {own!r}, and several of its "
+                                 f"hooks have its width d_in {d}; pass one of them: "
+                                 + " or ".join(f"--hook {h}{force_flag}" for h in fits))
             hook = fits[0]
+    elif own is not None and hook != own and not force:
+        store.check_hook(hook)
+        raise ScopeError(f"--hook {hook} is not the dictionary's own hook {own}; leave --hook out (or pass --hook "
+                         f"{own}) to read its own, or add --force-hook to read {hook} on purpose")
     width = store.width(store.check_hook(hook))
     if width != d:
         raise ScopeError(f"dictionary width d_in {d} does not match hook {hook!r} of store {store.url!r} "
@@ -291,10 +306,11 @@ def dictionary_hook(sae: Dictionary, store: ActivationStore, hook: str | None = 
 @torch.no_grad()
 def feature_stats(sae: Dictionary, store: ActivationStore, features: Sequence[int] | None = None,
                   hook: str | None = None, cfg: StatsConfig | None = None,
-                  device: str | torch.device | None = None, progress: bool = True) -> list[FeatureStats]:
+                  device: str | torch.device | None = None, progress: bool = True,
+                  force_hook: bool = False) -> list[FeatureStats]:
     """Statistics of ``features`` (default: all) over ``store`` in one pass, with every example's context."""
     cfg = cfg or StatsConfig()
-    hook = dictionary_hook(sae, store, hook)
+    hook = dictionary_hook(sae, store, hook, force_hook)
     m = sae.cfg.d_sae
     chosen = parse_features(features, m)
     dev = torch.device(device) if device is not None else next(sae.parameters()).device
@@ -347,6 +363,7 @@ def _summarise(acc: _Pass, chosen: list[int], cfg: StatsConfig) -> list[FeatureS
     counts, hi = hist.counts.cpu(), hist.hi.cpu()
     count, total, mx = acc.count.cpu(), acc.total.cpu(), acc.max.cpu()
     corr = acc.correlations()
+    firing = DictionaryFiring(acc.rows, acc.fired_all.cpu().tolist())
     top = _examples(acc.top, cfg)
     sample = _examples(acc.sample, cfg)
     owner = [i for i, s in enumerate(sample) for _ in s]  # every sampled example's bin in one device call
@@ -373,6 +390,7 @@ def _summarise(acc: _Pass, chosen: list[int], cfg: StatsConfig) -> list[FeatureS
             hist_edges=[j * step for j in range(last + 1)], hist_counts=counts[i, :last].tolist(),
             top=top[i], intervals=intervals,
             correlated=[] if corr is None else [(int(j), float(r)) for j, r in zip(corr[0][i], corr[1][i]) if r > -1.5],
+            dictionary=firing,
         ))
     return out
 

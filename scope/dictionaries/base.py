@@ -9,17 +9,17 @@ training sees inputs with E‖c·x‖² = 1 while the saved weights work on raw 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from scope.dictionaries.whitening import Whitening, WhiteningSpec
 from scope.errors import ScopeError
+from scope.files import read_json, read_safetensors
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "cfg.json"
@@ -210,8 +210,15 @@ def load(folder: str | Path, device: str | torch.device | None = None) -> Dictio
     folder = Path(folder)
     if not (folder / CONFIG).exists() or not (folder / WEIGHTS).exists():
         raise ScopeError(f"{str(folder)!r} is not a scope dictionary folder (needs {CONFIG} and {WEIGHTS})")
-    d = build(json.loads((folder / CONFIG).read_text()))
-    sd = d.import_state(load_file(str(folder / WEIGHTS)))
+    resave = "save the dictionary again (Dictionary.save) or train it again"
+    cfg = read_json(folder / CONFIG, resave)
+    if not isinstance(cfg, dict):
+        raise ScopeError(f"{folder / CONFIG} holds a JSON {type(cfg).__name__}, not a dictionary config object; {resave}")
+    try:
+        d = build(cfg)
+    except ScopeError as err:
+        raise ScopeError(f"{folder / CONFIG}: {err}") from None
+    sd = d.import_state(read_safetensors(folder / WEIGHTS, resave))
     expected = {k: tuple(v.shape) for k, v in d.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in sd.items()}
     if expected != got:

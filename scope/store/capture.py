@@ -3,31 +3,37 @@
 The shard plan is a pure function of the configuration: windows come in a fixed (seeded)
 document order and are grouped greedily into shards of about ``shard_rows`` rows, the last one
 cut at exactly ``tokens`` rows. Hence a killed capture re-run with the same arguments recomputes
-only the shards without a sidecar and ends with a store identical to an uninterrupted run, a
-larger ``tokens`` appends shards after the existing ones, and under ``torchrun`` rank r takes
-shards r, r + N, r + 2N, … of the same plan and rank 0 writes the one manifest.
+only the shards without a sidecar (or whose crc32 no longer matches it) and ends with a store
+identical to an uninterrupted run, a larger ``tokens`` appends shards after the existing ones, and
+under ``torchrun`` rank r takes shards r, r + N, r + 2N, … of the same plan and rank 0 writes the
+one manifest. One capture at a time holds a folder's lock file.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from math import prod
 
 import torch
 import torch.distributed as dist
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 import scope
-from scope.data import TextSource, Window, iter_windows, pad_token_id
+from scope.data import Document, TextSource, Window, iter_windows, pad_token_id
 from scope.errors import ScopeError
 from scope.hooks import capture, check_hooks, is_pairwise
 from scope.models import LoadedModel
 from scope.store.fs import StoreFS
-from scope.store.manifest import Manifest, SourceInfo, StoreConfig, read_manifest, write_documents, write_manifest
-from scope.store.shards import read_sidecar, write_shard
+from scope.store.manifest import (Manifest, SourceInfo, StoreConfig, read_manifest, row_bytes, write_documents,
+                                  write_manifest)
+from scope.store.shards import read_sidecar, shard_intact, write_shard
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _EXCLUDABLE = ("bos", "eos", "pad")
@@ -59,6 +65,9 @@ def _plan(windows: Iterator[Window], tokens: int, shard_rows: int, drop: set[int
     windows = iter(windows)
     while rows < tokens:
         done = read_sidecar(fs, index)
+        if done is not None and not shard_intact(fs, done):  # kept shards are checked, a bad one recomputed
+            print(f"scope: shard {index} of {fs.url()} failed its checksum; computing it again", flush=True)
+            done = None
         # Windows are cut only by the token budget (or a completed shard's record), never at a shard
         # boundary: a shard may end up to one window over ``shard_rows``.
         limit = done.rows if done is not None else tokens - rows
@@ -156,20 +165,27 @@ def capture_store(
         raise ScopeError(f"cannot exclude {bad}; excludable token kinds are {list(_EXCLUDABLE)}")
     hooks = check_hooks(model, hooks)
     shapes = row_shapes(model, hooks)
-    row_bytes = sum(prod(s) for s in shapes.values()) * STORE_DTYPES[dtype].itemsize + 16
     config = StoreConfig(
         model=model.spec, model_revision=model.facts.revision, model_dtype=str(model.dtype).removeprefix("torch."),
         hooks=shapes, dtype=dtype,
         source=SourceInfo(spec=source.spec, fingerprint=source.fingerprint, label_name=source.label_name),
-        seed=seed, context=context, excluded=sorted(excluded), shard_rows=max(1, shard_bytes // row_bytes),
+        seed=seed, context=context, excluded=sorted(excluded),
+        shard_rows=max(1, shard_bytes // row_bytes(shapes, dtype)),
     )
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    docs = source.documents(seed)  # a bad corpus fails here, before the folder is touched
     fs = StoreFS(out)
-    _claim(fs, config, tokens, rank, world)
+    with capture_lock(fs, rank):
+        _claim(fs, config, tokens, rank, world)
+        return _capture(model, fs, config, docs, tokens, batch_size, progress, rank, world)
 
-    docs = source.documents(seed)
+
+def _capture(model: LoadedModel, fs: StoreFS, config: StoreConfig, docs: list[Document], tokens: int,
+             batch_size: int, progress: bool, rank: int, world: int) -> Manifest:
+    """The capture itself, into a folder already claimed: plan, forward, write, then the manifest."""
+    hooks, shapes, context, dtype = list(config.hooks), config.hooks, config.context, config.dtype
     labels = {d.doc_id: d.label for d in docs}
-    drop = _excluded_ids(model.tokenizer, excluded)
+    drop = _excluded_ids(model.tokenizer, config.excluded)
     pad_id = pad_token_id(model.tokenizer)
     already = sum(info.rows for info in (read_sidecar(fs, i) for i in range(len(fs.listdir("shards")))) if info)
     bar = tqdm(total=max(0, tokens - already) // world, desc=f"capture rank {rank}" if world > 1 else "capture",
@@ -217,6 +233,9 @@ def _claim(fs: StoreFS, config: StoreConfig, tokens: int, rank: int, world: int)
     existing = read_manifest(fs)
     if existing is None and fs.exists() and [p for p in fs.listdir() if not p.startswith(".")]:
         raise ScopeError(f"output folder {fs.url()!r} exists and is not a scope store; choose an empty or new folder")
+    if existing is not None and not existing.complete and not existing.shards and not [
+            n for n in fs.listdir("shards") if n.endswith(".json")]:
+        existing = None  # a capture that failed before its first shard left only its manifest: take the folder over
     if existing is not None:
         diff = existing.config.differences(config)
         if diff:
@@ -234,6 +253,45 @@ def _claim(fs: StoreFS, config: StoreConfig, tokens: int, rank: int, world: int)
                                     world_size=world, scope_version=scope.__version__))
     if world > 1:
         dist.barrier()
+
+
+LOCK = ".scope-cache.lock"
+LOCK_OWNER = ".scope-cache.owner"
+
+
+@contextmanager
+def capture_lock(fs: StoreFS, rank: int = 0) -> Iterator[None]:
+    """Hold a store folder's lock for one capture; if another process holds it, refuse at once and name it.
+
+    Rank 0 takes it for all ranks of a torchrun capture. Remote (fsspec) folders offer no file lock, so
+    only local folders are locked.
+    """
+    if rank != 0 or not fs.is_local:
+        yield
+        return
+    fs.makedirs()
+    lock = FileLock(fs.path(LOCK), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ScopeError(f"store folder {fs.url()!r} is being written by another capture ({_lock_owner(fs)}); "
+                         "wait for it to finish, or stop it and re-run this command to resume") from None
+    try:
+        # The lock file is the library's; who holds it goes beside it, for the message above.
+        fs.write_atomic(LOCK_OWNER, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        yield
+    finally:
+        fs.remove(LOCK_OWNER)
+        lock.release()
+
+
+def _lock_owner(fs: StoreFS) -> str:
+    try:
+        owner = json.loads(fs.read_bytes(LOCK_OWNER))
+        return f"process {owner['pid']} on {owner['host']}, since {owner['since']}"
+    except (OSError, ValueError, KeyError, TypeError):  # the holder has not written it yet
+        return "a process that has just started"
 
 
 def init_distributed() -> None:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import shlex
+from math import prod
 
 from pydantic import BaseModel, ConfigDict
 
-from scope.errors import ScopeError
+from scope.errors import ScopeError, first_line
+from scope.files import parse_json
 from scope.store.fs import StoreFS
 
 MANIFEST = "manifest.json"
 DOCUMENTS = "documents.jsonl"
 FORMAT = "scope-activation-store"
 VERSION = 1
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+SAELENS_PREFIX = "saelens-cache:"  # the source spec of a store imported from a SAELens cache
 
 
 class _Strict(BaseModel):
@@ -74,14 +79,57 @@ class Manifest(BaseModel):
         return sum(s.rows for s in self.shards)
 
 
+def row_bytes(hooks: dict[str, list[int]], dtype: str) -> int:
+    """Bytes of one row in a shard: every hook's activations, then token id (4), document id (8) and position (4)."""
+    return sum(prod(s) for s in hooks.values()) * ITEMSIZE[dtype] + 16
+
+
 def read_manifest(fs: StoreFS) -> Manifest | None:
     """The manifest of a store folder, or None when the folder holds none."""
     if not fs.exists(MANIFEST):
         return None
+    data = parse_json(fs.read_bytes(MANIFEST), fs.url(MANIFEST), "it is not a scope store manifest")
     try:
-        return Manifest.model_validate_json(fs.read_bytes(MANIFEST))
+        return Manifest.model_validate(data)
     except ValueError as err:
-        raise ScopeError(f"{fs.url(MANIFEST)} is not a valid scope store manifest: {str(err).splitlines()[0]}") from err
+        raise ScopeError(f"{fs.url(MANIFEST)} is not a valid scope store manifest: {first_line(err)}") from err
+
+
+def cache_command(manifest: Manifest, url: str) -> str | None:
+    """The ``scope cache`` command that captures this store again (None when its settings have no flags)."""
+    cfg = manifest.config
+    args = ["scope", "cache", "--out", url, "--model", cfg.model, "--hooks", ",".join(cfg.hooks),
+            "--corpus", cfg.source.spec, "--tokens", str(manifest.tokens_requested), "--context", str(cfg.context),
+            "--dtype", cfg.dtype, "--model-dtype", cfg.model_dtype, "--seed", str(cfg.seed)]
+    excluded = sorted(cfg.excluded)
+    if excluded == ["eos", "pad"]:
+        args.append("--include-bos")
+    elif excluded != ["bos", "eos", "pad"]:
+        return None
+    # The fewest MiB that give the same shard_rows: the shard plan, and so the store, is the same.
+    size = row_bytes(cfg.hooks, cfg.dtype)
+    mb = max(1, -(-cfg.shard_rows * size // 2**20))
+    if max(1, (mb << 20) // size) != cfg.shard_rows:
+        return None
+    args += ["--shard-mb", str(mb)]
+    if cfg.source.text_column != "text":
+        args += ["--text-column", cfg.source.text_column]
+    if cfg.source.label_column not in ("label", None):
+        args += ["--label-column", cfg.source.label_column]
+    return shlex.join(args)
+
+
+def recompute_advice(manifest: Manifest, url: str) -> str:
+    """What to do about a missing or corrupted shard of this store: the command that recomputes it."""
+    spec = manifest.config.source.spec
+    if spec.startswith(SAELENS_PREFIX):
+        return (f"this store was imported from the SAELens cache {spec[len(SAELENS_PREFIX):]}; import it again into "
+                "a new folder with `scope store import-saelens`")
+    command = cache_command(manifest, url)
+    if command is None:
+        return ("re-run the capture that made this store (the same out folder and the settings in its "
+                "manifest.json) to recompute it")
+    return f"re-run `{command}` to recompute it"
 
 
 def write_manifest(fs: StoreFS, manifest: Manifest) -> None:
@@ -98,8 +146,8 @@ def read_documents(fs: StoreFS) -> dict[int, tuple[str | None, int]]:
     if not fs.exists(DOCUMENTS):
         return {}
     out = {}
-    for line in fs.read_bytes(DOCUMENTS).decode().splitlines():
-        if line:
-            rec = json.loads(line)
+    for line in fs.read_bytes(DOCUMENTS).splitlines():
+        if line.strip():
+            rec = parse_json(line, fs.url(DOCUMENTS), "it is not a scope store's document table")
             out[rec["doc_id"]] = (rec["label"], rec["rows"])
     return out

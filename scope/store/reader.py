@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,8 +13,8 @@ import torch
 from scope.data import doc_bucket
 from scope.errors import ScopeError
 from scope.store.fs import StoreFS
-from scope.store.manifest import Manifest, read_documents, read_manifest
-from scope.store.shards import META_COLUMNS, ShardReader, as_tensor
+from scope.store.manifest import Manifest, read_documents, read_manifest, recompute_advice
+from scope.store.shards import META_COLUMNS, ShardReader, as_tensor, missing_shards
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,8 +49,14 @@ class ActivationStore:
                              "`scope cache` command to finish it")
         self.manifest: Manifest = manifest
         self.url, self.docs, self.verify = str(url), docs, verify
+        self.advice = recompute_advice(manifest, self.url)
         self._documents: dict[int, tuple[str | None, int]] | None = None
         self._readers: dict[int, ShardReader] = {}
+        if verify:  # one listing: a deleted shard fails here, not hours into a training run
+            present = set(self.fs.listdir("shards"))
+            gone = [s for s in manifest.shards if Path(s.name).name not in present]
+            if gone:
+                raise ScopeError(missing_shards(gone, self.fs, self.advice))
 
     # --- what the store holds -------------------------------------------------------------
     @property
@@ -131,13 +138,13 @@ class ActivationStore:
     # --- reading -------------------------------------------------------------------------
     def shard(self, index: int) -> ShardReader:
         if index not in self._readers:
-            self._readers[index] = ShardReader(self.fs, self.manifest.shards[index], verify=self.verify)
+            self._readers[index] = ShardReader(self.fs, self.manifest.shards[index], self.verify, self.advice)
         return self._readers[index]
 
     def verify_all(self) -> None:
         """Check every shard's checksum; the error names the first corrupted shard."""
-        for i, info in enumerate(self.manifest.shards):
-            ShardReader(self.fs, info, verify=True)
+        for info in self.manifest.shards:
+            ShardReader(self.fs, info, True, self.advice)
 
     def _chunks(self, chunk_rows: int) -> list[_Chunk]:
         return [_Chunk(i, a, min(a + chunk_rows, s.rows))

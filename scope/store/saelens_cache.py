@@ -9,7 +9,6 @@ no position is excluded, so the store's own token ids rebuild its context window
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 import scope
-from scope.errors import ScopeError
+from scope.errors import ScopeError, first_line
+from scope.files import read_json
 from scope.store.fs import StoreFS
-from scope.store.manifest import Manifest, SourceInfo, StoreConfig, read_manifest, write_documents, write_manifest
+from scope.store.manifest import (SAELENS_PREFIX, Manifest, SourceInfo, StoreConfig, read_manifest, row_bytes,
+                                   write_documents, write_manifest)
 from scope.store.shards import write_shard
 
-SOURCE_PREFIX = "saelens-cache:"
 RUNNER_CONFIG = "cache_activations_runner_cfg.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -37,8 +37,8 @@ def import_saelens_cache(cache: str | Path, out: str, model: str | None = None, 
         ds = datasets.load_from_disk(str(cache))
     except (FileNotFoundError, ValueError) as err:
         raise ScopeError(f"{str(cache)!r} is not a SAELens activation cache (a `datasets` folder saved with "
-                         f"save_to_disk): {str(err).splitlines()[0]}") from err
-    runner = json.loads((cache / RUNNER_CONFIG).read_text()) if (cache / RUNNER_CONFIG).exists() else {}
+                         f"save_to_disk): {first_line(err)}") from err
+    runner = read_json(cache / RUNNER_CONFIG) if (cache / RUNNER_CONFIG).exists() else {}
     hook = hook or runner.get("hook_name") or _only_hook(ds.column_names, cache)
     if hook not in ds.column_names:
         raise ScopeError(f"SAELens cache {str(cache)!r} has no column {hook!r}; its columns are {ds.column_names}")
@@ -51,12 +51,11 @@ def import_saelens_cache(cache: str | Path, out: str, model: str | None = None, 
     feature = ds.features[hook]
     context, d_in = feature.shape
     dtype = feature.dtype if feature.dtype in _DTYPES else "float32"
-    row_bytes = d_in * _DTYPES[dtype].itemsize + 16
     config = StoreConfig(
         model=model, model_revision=runner.get("model_revision"), model_dtype=str(runner.get("dtype", "float32")),
         hooks={hook: [d_in]}, dtype=dtype,
-        source=SourceInfo(spec=f"{SOURCE_PREFIX}{cache.resolve()}", fingerprint=ds._fingerprint, label_name=None),
-        seed=0, context=context, excluded=[], shard_rows=max(1, shard_bytes // row_bytes),
+        source=SourceInfo(spec=f"{SAELENS_PREFIX}{cache.resolve()}", fingerprint=ds._fingerprint, label_name=None),
+        seed=0, context=context, excluded=[], shard_rows=max(1, shard_bytes // row_bytes({hook: [d_in]}, dtype)),
     )
     fs = StoreFS(out)
     existing = read_manifest(fs)

@@ -16,8 +16,8 @@ import torch
 from scope.data import Window, doc_bucket, open_source, take_windows
 from scope.errors import ScopeError
 from scope.models import LoadedModel, load_model
+from scope.store.manifest import SAELENS_PREFIX
 from scope.store.reader import ActivationStore
-from scope.store.saelens_cache import SOURCE_PREFIX
 
 
 def load_store_model(store: ActivationStore, device: str | torch.device | None = None) -> LoadedModel:
@@ -42,7 +42,7 @@ def store_windows(store: ActivationStore, tokenizer: Any, max_tokens: int | None
     if not wanted:
         raise ScopeError(f"store {store.url!r} has no documents in this view (an empty held-out split?); "
                          "raise the held-out fraction or capture more tokens")
-    if cfg.source.spec.startswith(SOURCE_PREFIX):  # imported: no text to re-tokenise, but every token is stored
+    if cfg.source.spec.startswith(SAELENS_PREFIX):  # imported: no text to re-tokenise, but every token is stored
         return _windows_from_rows(store, wanted, max_tokens)
     source = open_source(cfg.source.spec, text_column=cfg.source.text_column, label_column=cfg.source.label_column)
     if source.fingerprint != cfg.source.fingerprint:

@@ -22,12 +22,13 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from scope.dictionaries import Dictionary, build
 from scope.dictionaries.whitening import Whitening, WhiteningSpec, fit_whitening
-from scope.errors import ScopeError
+from scope.errors import ScopeError, first_line
+from scope.files import read_json, read_safetensors
 from scope.store import ActivationStore
 from scope.store.fs import replace_folder
 from scope.training.config import DictSpec, TrainConfig
@@ -35,6 +36,7 @@ from scope.training.logging import MetricLogger
 
 CHECKPOINT = "checkpoint"
 SNAPSHOTS = "snapshots"  # out/snapshots/step-NNNNNNN/NAME: dictionaries saved along the way (snapshot_every)
+CONFIG_COPY = "train_config.yaml"  # marks a folder as a training run
 
 
 @dataclass
@@ -226,6 +228,8 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
     out = Path(out)
     rank, world = _dist()
     t = cfg.trainer
+    if rank == 0:
+        _check_out(out, cfg)
     store = ActivationStore(cfg.store)
     hook = cfg.hook or _only_hook(store)
     store.check_hook(hook)
@@ -281,7 +285,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
     start = _resume(out, cfg, runs) if (out / CHECKPOINT).exists() else 0
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.yaml").write_text(_yaml(cfg))
+        (out / CONFIG_COPY).write_text(_yaml(cfg))
     logger = MetricLogger(out, cfg.logging, enabled=rank == 0)
     data = training_batches(train_view, cfg, hook, stats.median_norm)
     for _ in range(start):  # replay the data order up to the checkpoint: resumed runs see the same batches
@@ -405,12 +409,45 @@ def _checkpoint(out: Path, cfg: TrainConfig, runs: list[Trained], step: int) -> 
     replace_folder(out, CHECKPOINT, fill)
 
 
+def _check_out(out: Path, cfg: TrainConfig) -> None:
+    """Train only into an empty or new folder or into a run of this same config (which resumes)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ScopeError(f"--out {str(out)!r} is a file, not a folder; choose a new folder for the run")
+    if not (out / CONFIG_COPY).exists():
+        if any(not p.name.startswith(".") for p in out.iterdir()):
+            raise ScopeError(f"--out {str(out)!r} is a non-empty folder that is not a training run (it has no "
+                             f"{CONFIG_COPY}); choose an empty or new folder")
+        return
+    if not (out / CHECKPOINT).exists() and (out / CONFIG_COPY).read_text() != _yaml(cfg):
+        raise _other_run(out)
+
+
+def _other_run(out: Path) -> ScopeError:
+    return ScopeError(f"{str(out)!r} holds a run with a different config; resume needs the same config "
+                      f"(compare with its {CONFIG_COPY}) or choose a new --out")
+
+
 def _resume(out: Path, cfg: TrainConfig, runs: list[Trained]) -> int:
-    meta = json.loads((out / CHECKPOINT / "state.json").read_text())
+    restart = f"delete the folder {out / CHECKPOINT} to train from the start, or choose a new --out"
+    meta = read_json(out / CHECKPOINT / "state.json", restart)
+    if not isinstance(meta, dict) or "config_hash" not in meta or not isinstance(meta.get("step"), int):
+        raise ScopeError(f"{out / CHECKPOINT / 'state.json'} is not a scope training checkpoint (needs step and "
+                         f"config_hash); {restart}")
     if meta["config_hash"] != config_hash(cfg):
-        raise ScopeError(f"{str(out)!r} holds a run with a different config; resume needs the same config "
-                         "(compare with its train_config.yaml) or choose a new --out")
-    tensors = load_file(str(out / CHECKPOINT / "state.safetensors"))
+        raise _other_run(out)
+    tensors = read_safetensors(out / CHECKPOINT / "state.safetensors", restart)
+    try:
+        _restore(tensors, runs)
+    except (KeyError, RuntimeError) as err:  # a missing tensor, or one of another shape
+        raise ScopeError(f"{out / CHECKPOINT / 'state.safetensors'} does not hold this run's state "
+                         f"({first_line(err)}); {restart}") from None
+    return int(meta["step"])
+
+
+def _restore(tensors: dict[str, torch.Tensor], runs: list[Trained]) -> None:
+    """Dictionaries, firing records and Adam state from a checkpoint's tensors."""
     device = next(runs[0].sae.parameters()).device
     for run in runs:
         prefix = f"{run.name}/sae/"
@@ -423,4 +460,3 @@ def _resume(out: Path, cfg: TrainConfig, runs: list[Trained]) -> int:
                      for key, v in tensors.items() if key.startswith(f"{run.name}/adam/{k}/")}
             if state:
                 run.opt.state[p] = state
-    return int(meta["step"])
