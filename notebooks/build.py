@@ -316,6 +316,99 @@ NOTEBOOKS = {
                       "    print(real.cfg.hook, real.cfg.d_sae, 'latents; L0 per token', (real.encode(acts) > 0).sum(-1).tolist())\n"
                       "else:\n    print('offline: set SCOPE_ONLINE=1 to load google/gemma-scope-2-270m-pt from the hub')"),
     ],
+    "09_feature_analysis.ipynb": [
+        new_markdown_cell("# Feature analysis: an SAE spliced into the model\n\nThe Gemma Scope tutorial's workflow on the "
+                          "bundled Gemma 3 270M: splice an SAE into the model, see which features fire on which token "
+                          "of *The Eiffel Tower is located in the city of*, open the top feature's dashboard, ablate it "
+                          "and watch ` Paris` move, find the features that drive ` Paris` (attribution patching and "
+                          "direct logit attribution, checked against exact ablations), and steer with a feature's "
+                          "decoder direction. SAELens users know the splice as `HookedSAETransformer.run_with_saes`; "
+                          "here it is the context manager `spliced(model, saes)`.\n\nOffline, the SAE is a JumpReLU "
+                          "trained here on BBC text at layer 6; with network access (`SCOPE_ONLINE=1`) the last cell "
+                          "also runs the prompt through the real Gemma Scope 2 release. See "
+                          "`docs/methods/feature_analysis.md`."),
+        new_code_cell(SIZES + "\nONLINE = os.environ.get('SCOPE_ONLINE') == '1'  # the hub cell needs network access\n"
+                      "PROMPT = 'The Eiffel Tower is located in the city of'\nHOOK = 'blocks.6.hook_resid_post'"),
+        new_code_cell("from scope.data import open_source\nfrom scope.dictionaries import load\nfrom scope.models import load_model\n"
+                      "from scope.store import ActivationStore, capture_store\nfrom scope.training import load_config, train\n\n"
+                      "model = load_model('gemma-3-270m')\nstore_dir = f'{OUT}/bbc-l6'\n"
+                      "capture_store(model, open_source('bbc'), [HOOK], store_dir, tokens=4_000 if SMALL else 200_000)\n"
+                      "cfg = load_config(data={'store': store_dir, 'trainer': {\n"
+                      "    'total_tokens': 20_480 if SMALL else 1_000_000, 'batch_size': 512 if SMALL else 2048, 'lr': 1e-3,\n"
+                      "    'lr_warmup_steps': 5, 'sparsity_warmup_steps': 10 if SMALL else 100, 'log_every': 10},\n"
+                      "    'dictionaries': [{'name': 'jumprelu', 'kind': 'jumprelu', 'd_sae': 512 if SMALL else 4096,\n"
+                      "                      'sparsity_coeff': 5e-4}]})\n"
+                      "sae_dir = train(cfg, f'{OUT}/run')['jumprelu']\nsae = load(sae_dir)\nsae.cfg"),
+        new_markdown_cell("## The splice\n\nInside `spliced(...)` every forward pass (and generation) runs with the SAE "
+                          "at its hook, and `sp.acts[hook]` holds the features of every token. With `error_term=True` "
+                          "the reconstruction error is added back, so the model's output is exactly the clean one."),
+        new_code_cell("import torch\nfrom scope.analysis.splice import prompt_tokens, spliced\n\n"
+                      "ids = prompt_tokens(model, PROMPT)\nwith torch.no_grad():\n    clean = model.bridge(ids)\n"
+                      "    with spliced(model, sae, error_term=True) as sp:\n        kept = model.bridge(ids)\n"
+                      "    with spliced(model, sae):\n        replaced = model.bridge(ids)\n"
+                      "print('error term: logits equal the clean ones:', torch.equal(kept, clean))\n"
+                      "print('reconstruction alone: top next token', repr(model.tokenizer.decode(replaced[0, -1].argmax())),\n"
+                      "      'vs clean', repr(model.tokenizer.decode(clean[0, -1].argmax())))\n"
+                      "sp.acts[HOOK].shape  # [batch, position, feature]"),
+        new_markdown_cell("## Features of the prompt"),
+        new_code_cell("from scope.analysis.features import prompt_features\n\n"
+                      "found = prompt_features(model, sae, PROMPT, k=5)\nfound.to_frame().head(10)"),
+        new_code_cell("found.figure(15)"),
+        new_markdown_cell("## The dashboard of the top feature\n\nPublish the prompt's strongest features as a "
+                          "static site (the same pages `scope dashboard publish` writes); feature ids then link to "
+                          "their pages, in the table, the heatmap and `scope features --site`."),
+        new_code_cell("from scope.dashboards import publish\nfrom scope.dashboards.links import site_links\n"
+                      "from scope.dashboards.site import read_feature\n\n"
+                      "last = found.tokens[-1]  # the token ' of', where the model predicts the next word\n"
+                      "top = last.features[0]\nsite = f'{OUT}/dashboard'\n"
+                      "publish(sae_dir, store_dir, site, sorted({top, *(f for f, _ in found.top(10))}), model=model, progress=False)\n"
+                      "found = prompt_features(model, sae, PROMPT, k=5, links=site_links(site, sae))\n"
+                      "page = read_feature(site, top)\n"
+                      "print(f'feature {top}: fires on {page[\"density\"]:.1%} of rows; promotes', [t for t, _ in page['logits']['top'][:5]])\n"
+                      "print('its page:', found.link(top))\n"
+                      "[''.join(ex['tokens']) for ex in page['top'][:3]]"),
+        new_markdown_cell("## Ablate it and watch ` Paris`"),
+        new_code_cell("from scope.analysis.intervene import intervene\nfrom scope.analysis.splice import ablate, clamp\n\n"
+                      "r = intervene(model, sae, PROMPT, ablate(top), tokens=[' Paris'])\n"
+                      "print(r.tokens[0], f'KL {r.kl:.3f} nats')\nr.figure()"),
+        new_code_cell("# Clamping the feature high instead, at the last position only\n"
+                      "intervene(model, sae, PROMPT, clamp(top, 5 * last.values[0], positions=-1), tokens=[' Paris']).tokens"),
+        new_markdown_cell("## Which features drive ` Paris`?\n\nAttribution patching (activation × gradient, one "
+                          "backward pass) estimates what ablating each feature would do to log p(` Paris`); direct "
+                          "logit attribution reads each feature's decoder row through the final norm onto the "
+                          "unembedding. `check_attribution` measures both against the exact ablation of their top "
+                          "features, one forward pass each."),
+        new_code_cell("from scope.analysis.attribution import attribute, check_attribution\n\n"
+                      "attr = attribute(model, sae, PROMPT, ' Paris')\n"
+                      "for method in ('patching', 'dla'):\n"
+                      "    c = check_attribution(model, sae, attr, n=10, method=method)\n"
+                      "    print(f'{method}: rank correlation with exact ablation {c.spearman:.2f}, signs agree {c.sign_agreement:.0%}')\n"
+                      "attr.to_frame(10)"),
+        new_code_cell("attr.figure(10)"),
+        new_code_cell("driver = attr.top(1)[0].feature\n"
+                      "intervene(model, sae, PROMPT, ablate(driver), tokens=[' Paris', ' London']).tokens"),
+        new_markdown_cell("## Steer with a feature\n\nFeature search finds the features most selective for BBC *sport* "
+                          "documents across the store; the top one's decoder row, scaled like scope's other steering "
+                          "vectors (unit direction × the layer's centred RMS norm r), steers generation. "
+                          "`scope steer from-feature --sae DIR --feature N --concept bbc:sport --out RUN` makes the "
+                          "same vector as a run folder that `scope steer generate` and `scope steer eval` score "
+                          "beside RePS and DiffMean."),
+        new_code_cell("from scope.dashboards.search import search_features\n\n"
+                      "store = ActivationStore(store_dir)\n"
+                      "sport = search_features(sae, store, label='bbc:sport', by='selectivity', k=5)\nsport.to_frame()"),
+        new_code_cell("from scope.steering import generate, steering\nfrom scope.steering.feature import feature_vector, store_scale\n\n"
+                      "vec = feature_vector(model, sae, sport.hits[0].feature, store_scale(store, HOOK))\n"
+                      "prompt = 'Write a short paragraph about the weather.\\n\\n'\n"
+                      "for alpha in (0.0, 0.25, 0.5):\n"
+                      "    with steering(model, vec.hook, vec.w, alpha):\n"
+                      "        print(f'α = {alpha}:', generate(model, [prompt], max_new_tokens=12 if SMALL else 48, temperature=0)[0])"),
+        new_markdown_cell("## The real Gemma Scope 2 release (needs network access)"),
+        new_code_cell("if ONLINE:\n    from scope.dictionaries.interop import load_gemma_scope\n\n"
+                      "    real = load_gemma_scope('google/gemma-scope-2-270m-pt', 'resid_post/layer_12_width_16k_l0_medium')\n"
+                      "    print(prompt_features(model, real, PROMPT, k=3).to_frame().head(12))\n"
+                      "    print(attribute(model, real, PROMPT, ' Paris').to_frame(5))\n"
+                      "else:\n    print('offline: set SCOPE_ONLINE=1 to load google/gemma-scope-2-270m-pt from the hub')"),
+    ],
 }
 
 

@@ -43,6 +43,23 @@ def is_pairwise(name: str) -> bool:
     return name.endswith(_PAIRWISE)
 
 
+class PositionCounter:
+    """Absolute positions of the tensor a hook sees, across the steps of a cached generation.
+
+    A call with several positions is a fresh forward (or a prompt) starting at 0; a call with one
+    position continues where the last call stopped, as each KV-cached decoding step does.
+    """
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def advance(self, n: int) -> int:
+        """The absolute position of the first of the ``n`` positions a hook sees now."""
+        first = 0 if n > 1 else self.next
+        self.next = first + n
+        return first
+
+
 def check_hooks(model: LoadedModel, names: Sequence[str]) -> list[str]:
     """Validate hook names; a wrong one is an error listing the closest valid names."""
     if isinstance(names, str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
@@ -28,6 +29,14 @@ def write_results(out: str, json_name: str, data: dict[str, Any], figures: dict[
         fs.write_atomic(f"{name}.html", fig.to_html(include_plotlyjs="directory", full_html=True).encode())
         written[name] = fs.path(f"{name}.html")
     return written
+
+
+def write_html(fig: go.Figure, path: str | Path) -> Path:
+    """One figure as a self-contained HTML file (plotly.js inlined, so it opens offline on its own)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(str(path), include_plotlyjs=True)
+    return path
 
 
 def _finite(x: Any) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from scope.cli import analyze, dashboard, interop, steer, store, train
+from scope.cli import analyze, dashboard, features, interop, steer, store, train
 
 app = typer.Typer(help="scope: mechanistic interpretability for Gemma-family models.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -21,6 +21,7 @@ app.command()(store.cache)
 app.command()(train.train)
 app.command()(train.quickstart)
 app.command("eval")(train.eval_)
+app.command("features")(features.features)
 app.command()(interop.push)
 app.command()(interop.pull)
 app.add_typer(store.store_app, name="store")

@@ -15,6 +15,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.
 ModelOpt = Annotated[str, typer.Option(help="gemma-3-270m (bundled), a Hugging Face id, a local folder or a .gguf file.")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1… (default: cuda when present).")]
 ModelDtypeOpt = Annotated[Optional[str], typer.Option(help="Model dtype (default float32).")]
+SaeModelOpt = Annotated[Optional[str], typer.Option("--model", help="Model (default: the one the dictionary names, "
+                                                                    "else gemma-3-270m).")]
 
 
 def friendly(fn):

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from scope.cli.common import DeviceOpt, JsonOpt, ModelDtypeOpt, ModelOpt, emit, floats, friendly
+from scope.cli.common import DeviceOpt, JsonOpt, ModelDtypeOpt, ModelOpt, SaeModelOpt, emit, floats, friendly
 from scope.errors import ScopeError
 
 steer_app = typer.Typer(help="Steering vectors: RePS, DiffMean and the LM objective; steering, suppression, scores.",
@@ -27,6 +27,19 @@ def _open_run(folder: str, device: str | None):
     cfg = SteerConfig.model_validate_json(path.read_text())
     vec = load_vector(folder)
     return cfg, vec, load_model(cfg.model, dtype=cfg.dtype, device=device)
+
+
+def _config(**fields):
+    """A SteerConfig from the flags; a bad value is one line naming the field."""
+    from pydantic import ValidationError
+
+    from scope.steering.reps import SteerConfig
+
+    try:
+        return SteerConfig(**fields)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
+        raise ScopeError(f"bad steering config: {problems}") from None
 
 
 @steer_app.command("train")
@@ -54,22 +67,14 @@ def steer_train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train a rank-1 steering vector (RePS or LM objective) or compute DiffMean from a store."""
-    from pydantic import ValidationError
-
     from scope.models import load_model
     from scope.steering.pipeline import concept_data, make_vector
-    from scope.steering.reps import SteerConfig
 
     if method not in ("reps", "lm", "diffmean"):
         raise ScopeError(f"--method must be reps, lm or diffmean, got {method!r}")
-    try:
-        cfg = SteerConfig(model=model, concept=concept, layer=layer, method=method, n_train=n_train, n_eval=n_eval,
-                          response_tokens=response_tokens, epochs=epochs, batch_size=batch_size, lr=lr,
-                          factors=floats(factors, "--factors"), seed=seed, dtype=dtype,
-                          store=store, max_rows=max_rows)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
-        raise ScopeError(f"bad steering config: {problems}") from None
+    cfg = _config(model=model, concept=concept, layer=layer, method=method, n_train=n_train, n_eval=n_eval,
+                  response_tokens=response_tokens, epochs=epochs, batch_size=batch_size, lr=lr,
+                  factors=floats(factors, "--factors"), seed=seed, dtype=dtype, store=store, max_rows=max_rows)
     lm = load_model(model, dtype=dtype, device=device)
     if not 0 <= layer < lm.facts.n_layers:
         raise ScopeError(f"--layer {layer} is outside 0..{lm.facts.n_layers - 1} of {model}")
@@ -79,6 +84,41 @@ def steer_train(
     result = {"out": out, "seconds": round(time.time() - t0, 1), "data": data.summary(), "vector": vec.meta()}
     emit(result, as_json, f"{method} vector for {vec.concept} at {vec.hook}: ‖w‖ = {vec.meta()['norm']:.1f} "
                            f"({vec.meta()['norm_over_scale']:.2f} × layer scale {vec.scale:.1f}), b = {vec.b:.1f} -> {out}")
+
+
+@steer_app.command("from-feature")
+@friendly
+def steer_from_feature(
+    sae: Annotated[str, typer.Option(help="Dictionary folder (scope, SAELens or Gemma Scope layout) at a "
+                                          "residual-stream hook.")],
+    feature: Annotated[int, typer.Option(help="The feature whose decoder row is the steering direction.")],
+    out: Annotated[str, typer.Option(help="Run folder for the vector (what `scope steer generate` and `eval` read).")],
+    concept: Annotated[Optional[str], typer.Option(help="CORPUS:LABEL or .jsonl the feature stands for; needed to score "
+                                                        "it with `scope steer eval` against RePS and DiffMean.")] = None,
+    store: Annotated[Optional[str], typer.Option(help="Store holding the hook, for the layer scale r and mean μ "
+                                                      "(default: 4,096 tokens of the concept's corpus, else wiki).")] = None,
+    max_rows: Annotated[Optional[int], typer.Option(help="Rows of --store read for r and μ (default all).")] = None,
+    model: SaeModelOpt = None,
+    n_eval: Annotated[int, typer.Option(help="Evaluation prompts for `scope steer eval` (use the RePS run's value "
+                                             "to score on the same prompts).")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the concept's data split (as for `scope steer train`).")] = 0,
+    dtype: ModelDtypeOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A steering vector from a dictionary feature: its unit decoder row times the layer scale r."""
+    from scope.analysis.features import open_dictionary
+    from scope.hooks import block_of
+    from scope.steering.pipeline import feature_run
+
+    d, lm = open_dictionary(sae, model, dtype=dtype, device=device)
+    layer = block_of(d.cfg.hook or "")
+    cfg = _config(model=lm.spec, concept=concept or "", layer=layer if layer is not None else 0, method="feature",
+                  n_eval=n_eval, seed=seed, dtype=dtype, store=store, max_rows=max_rows, sae=sae, feature=feature)
+    vec = feature_run(lm, cfg, out, sae=d)
+    meta = vec.meta()
+    emit({"out": out, "vector": meta}, as_json, f"feature {feature} of {sae} at {vec.hook}: ‖w‖ = {meta['norm']:.1f} "
+         f"(the layer scale r; decoder row norm {vec.info['decoder_norm']:.3g}), b = {vec.b:.1f} -> {out}")
 
 
 @steer_app.command("eval")

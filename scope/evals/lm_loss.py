@@ -5,7 +5,8 @@ activation replaced by sae(x) ("spliced"), and with it replaced by zeros ("zero-
 From the next-token cross-entropies come delta loss = CE_spliced − CE_clean and
 CE loss recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean), plus the mean per-token
 KL(clean ‖ spliced). Position 0 (BOS) is left unchanged by default: stores exclude BOS, so the
-dictionary never saw it, and its huge norm would dominate the error.
+dictionary never saw it, and its huge norm would dominate the error. The spliced run is
+:func:`scope.analysis.splice.spliced`, the splice a notebook uses for feature analysis.
 
 Sources: Lieberum et al. 2024, "Gemma Scope" (arXiv 2408.05147): delta loss, the increase in
 next-token loss when the SAE's reconstruction replaces the activation, as the fidelity measure;
@@ -23,6 +24,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from scope.analysis.splice import check_width, splice_hook, spliced
 from scope.data import Window, pad_token_id
 from scope.dictionaries.base import Dictionary
 from scope.errors import ScopeError
@@ -55,13 +57,14 @@ class LMLossMetrics:
 
 
 def _replacement(sae: Dictionary, mode: Mode, splice_bos: bool) -> Callable[..., torch.Tensor]:
-    """A forward hook that swaps the activation ``[batch, pos, ...]`` for sae(x) or zeros."""
+    """A forward hook that swaps the activation ``[batch, pos, ...]`` for sae(x) (the splice's own) or zeros."""
+    if mode == "spliced":
+        return splice_hook(sae, splice_bos=splice_bos)
 
     def hook_fn(x: torch.Tensor, *, hook: Any) -> torch.Tensor:
         flat = x.reshape(*x.shape[:2], -1)
-        if flat.shape[-1] != sae.cfg.d_in:
-            raise ScopeError(f"hook {hook.name} has width {flat.shape[-1]} but the SAE expects {sae.cfg.d_in}")
-        new = sae(flat.to(sae.W_enc.dtype)).to(x.dtype) if mode == "spliced" else torch.zeros_like(flat)
+        check_width(flat, sae, hook)
+        new = torch.zeros_like(flat)
         if not splice_bos:
             new[:, 0] = flat[:, 0]
         return new.reshape(x.shape)
@@ -124,7 +127,7 @@ def lm_losses_on_windows(
     pad_id = pad_token_id(model.tokenizer)
     zero = [(hook, _replacement(first, "zero", splice_bos))]
     n = clean = zeroed = 0.0
-    spliced = dict.fromkeys(saes, 0.0)
+    spliced_nll = dict.fromkeys(saes, 0.0)
     kl = dict.fromkeys(saes, 0.0)
     bar = tqdm(total=sum(len(w.tokens) for w in windows), desc="lm loss", unit="tok", disable=not progress,
                dynamic_ncols=True)
@@ -136,8 +139,9 @@ def lm_losses_on_windows(
         lp_clean = _log_probs(model, toks, mask, [])
         clean += _nll_sum(lp_clean, toks, keep)
         for name, sae in saes.items():
-            lp = _log_probs(model, toks, mask, [(hook, _replacement(sae, "spliced", splice_bos))])
-            spliced[name] += _nll_sum(lp, toks, keep)
+            with spliced(model, {hook: sae}, splice_bos=splice_bos, record=False):
+                lp = _log_probs(model, toks, mask, [])
+            spliced_nll[name] += _nll_sum(lp, toks, keep)
             kl[name] += _kl_sum(lp_clean, lp, keep)
             del lp  # free each spliced copy before the next is made
         del lp_clean
@@ -148,9 +152,9 @@ def lm_losses_on_windows(
     bar.close()
     ce_c, ce_z = clean / n, zeroed / n
     return {name: LMLossMetrics(
-        hook=hook, windows=len(windows), tokens=int(n), clean_ce=ce_c, spliced_ce=spliced[name] / n, zero_ce=ce_z,
-        delta_loss=spliced[name] / n - ce_c,
-        ce_loss_recovered=(ce_z - spliced[name] / n) / (ce_z - ce_c) if ce_z != ce_c else float("nan"),
+        hook=hook, windows=len(windows), tokens=int(n), clean_ce=ce_c, spliced_ce=spliced_nll[name] / n,
+        zero_ce=ce_z, delta_loss=spliced_nll[name] / n - ce_c,
+        ce_loss_recovered=(ce_z - spliced_nll[name] / n) / (ce_z - ce_c) if ce_z != ce_c else float("nan"),
         kl=kl[name] / n, splice_bos=splice_bos) for name in saes}
 
 

@@ -13,6 +13,7 @@ import torch
 
 from scope.errors import ScopeError
 from scope.steering.concepts import resolve_label
+from scope.steering.vector import LayerScale
 from scope.store.reader import ActivationStore
 
 
@@ -45,9 +46,8 @@ def diffmean_stats(store: ActivationStore, hook: str, label: str, max_rows: int 
     width = store.width(hook)
     sums = {k: torch.zeros(width, dtype=torch.float64) for k in ("in", "out")}
     counts = {"in": 0, "out": 0}
-    sq, total = torch.zeros((), dtype=torch.float64), torch.zeros(width, dtype=torch.float64)
+    layer = LayerScale(width)
     in_ids, labelled_ids = torch.tensor(sorted(inside)), torch.tensor(sorted(inside | outside))
-    seen = 0
     for b in store.rows([hook], batch_size=batch_size, shuffle=max_rows is not None, dtype="float32"):
         x = b.acts[hook].reshape(len(b.doc_id), -1).double()
         labelled = torch.isin(b.doc_id, labelled_ids.to(b.doc_id.dtype))
@@ -57,18 +57,14 @@ def diffmean_stats(store: ActivationStore, hook: str, label: str, max_rows: int 
         sums["out"] += x[~is_in].sum(0)
         counts["in"] += int(is_in.sum())
         counts["out"] += int((~is_in).sum())
-        total += x.sum(0)
-        sq += (x * x).sum()
-        seen += len(x)
-        if max_rows is not None and seen >= max_rows:
+        layer.add(x)
+        if max_rows is not None and layer.rows >= max_rows:
             break
     if counts["in"] == 0 or counts["out"] == 0:
         raise ScopeError(f"the rows read from {store.url!r} hold {counts['in']} in-concept and {counts['out']} "
                          "out-of-concept rows; DiffMean needs both (raise max_rows)")
-    mean = total / seen
-    scale = float((sq / seen - (mean * mean).sum()).clamp_min(0).sqrt())
     return {"mu_in": sums["in"] / counts["in"], "mu_out": sums["out"] / counts["out"], "rows_in": counts["in"],
-            "rows_out": counts["out"], "scale": scale}
+            "rows_out": counts["out"], "scale": layer.scale}
 
 
 def diffmean(store: ActivationStore, hook: str, concept: str, max_rows: int | None = None) -> tuple[torch.Tensor, dict]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from scope.errors import ScopeError
-from scope.hooks import check_hooks
+from scope.hooks import PositionCounter, check_hooks
 from scope.models import LoadedModel
 
 
@@ -44,27 +44,6 @@ def phi_null(h: torch.Tensor, w: torch.Tensor, b: float | torch.Tensor = 0.0) ->
     return h - coef.unsqueeze(-1) * w
 
 
-class _Positions:
-    """Absolute positions of the tensor a hook sees, across the steps of a cached generation.
-
-    A call with several positions is a fresh forward (or a prompt) starting at 0; a call with one
-    position continues where the last call stopped, as each KV-cached decoding step does.
-    """
-
-    def __init__(self) -> None:
-        self.next = 0
-
-    def mask(self, h: torch.Tensor, start: int) -> torch.Tensor | None:
-        """``[1, pos, 1]`` booleans for positions ≥ start, or None when every position is."""
-        n = h.shape[1]
-        first = 0 if n > 1 else self.next
-        self.next = first + n
-        if start <= first:
-            return None
-        pos = torch.arange(first, first + n, device=h.device)
-        return (pos >= start).view(1, n, 1)
-
-
 def _check(model: LoadedModel, hook: str, w: torch.Tensor) -> torch.Tensor:
     check_hooks(model, [hook])
     if w.ndim != 1 or w.shape[0] != model.facts.d_model:
@@ -80,12 +59,16 @@ def _from_position(model: LoadedModel, hook: str, start: int, edit) -> Iterator[
     """Apply ``edit(h)`` to ``hook`` at positions ≥ ``start`` (counted across cached decoding steps)."""
     if start < 0:
         raise ScopeError(f"start position must be 0 or more, got {start}")
-    positions = _Positions()
+    positions = PositionCounter()
 
     def fn(h: torch.Tensor, *, hook: Any) -> torch.Tensor:
-        keep = positions.mask(h, start)
+        n = h.shape[1]
+        first = positions.advance(n)
         new = edit(h)
-        return new if keep is None else torch.where(keep, new, h)
+        if start <= first:
+            return new
+        keep = torch.arange(first, first + n, device=h.device) >= start
+        return torch.where(keep.view(1, n, 1), new, h)
 
     with model.bridge.hooks(fwd_hooks=[(hook, fn)]):
         yield

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from scope.dictionaries.base import Dictionary
 from scope.errors import ScopeError
 from scope.models import LoadedModel
 from scope.steering.concepts import ConceptData, load_concept, parse_concept, pool_of
@@ -27,6 +28,9 @@ from scope.steering.vector import SteeringVector, load_vector
 
 def concept_data(model: LoadedModel, cfg: SteerConfig, n_classifier: int = 64) -> ConceptData:
     """The concept data a config names (a .jsonl file or CORPUS:LABEL); ``n_classifier`` texts for the probe."""
+    if not cfg.concept:
+        raise ScopeError(f"this {cfg.method} vector was made without a concept, so there is nothing to score it on; "
+                         "make it again with --concept CORPUS:LABEL (e.g. bbc:sport) or a .jsonl file")
     return load_concept(cfg.concept, model.tokenizer, n_train=cfg.n_train, n_eval=cfg.n_eval,
                         response_tokens=cfg.response_tokens, n_classifier=n_classifier, seed=cfg.seed)
 
@@ -72,6 +76,37 @@ def make_vector(model: LoadedModel, data: ConceptData, cfg: SteerConfig, out: st
                          scale=info.pop("scale"), info=info)
     if out is not None:
         vec.save(out)
+    return vec
+
+
+def feature_run(model: LoadedModel, cfg: SteerConfig, out: str | Path, tokens: int = 4096,
+                sae: Dictionary | None = None) -> SteeringVector:
+    """The feature vector a config names (``cfg.sae``, ``cfg.feature``), written into run folder ``out``.
+
+    r and μ come from ``cfg.store`` when given, else from ``tokens`` tokens of the concept's corpus
+    (wiki without a corpus concept). A finished run folder is reused; ``sae`` is ``cfg.sae`` loaded.
+    """
+    from scope.dictionaries.interop import load_any
+    from scope.steering.feature import feature_direction, feature_vector, store_scale, text_scale
+    from scope.store import ActivationStore
+
+    if cfg.method != "feature" or cfg.sae is None or cfg.feature is None:
+        raise ScopeError("a feature run needs method 'feature', a dictionary (sae) and a feature id")
+    sae = sae if sae is not None else load_any(cfg.sae, device=model.device)
+    # Everything checked before the run folder is claimed, so a typo leaves no folder behind.
+    hook, _ = feature_direction(model, sae, cfg.feature, sae.cfg.hook or resid_hook(cfg.layer))
+    store = ActivationStore(cfg.store) if cfg.store is not None else None
+    claim_run(out, cfg)
+    if (Path(out) / "vector.json").is_file():
+        return load_vector(out)
+    if store is not None:
+        scale, source = store_scale(store, hook, cfg.max_rows), cfg.store
+    else:
+        corpus = parse_concept(cfg.concept)[0] if cfg.concept and not cfg.concept.endswith(".jsonl") else "wiki"
+        scale, source = text_scale(model, hook, corpus, tokens), f"{tokens} tokens of {corpus}"
+    vec = feature_vector(model, sae, cfg.feature, scale, hook=hook, concept=cfg.concept or None, source=cfg.sae)
+    vec.info["scale_from"] = source
+    vec.save(out)
     return vec
 
 

@@ -61,7 +61,7 @@ class SteerConfig(BaseModel):
     model: str = "gemma-3-270m"
     concept: str
     layer: int = 6
-    method: Literal["reps", "lm", "diffmean"] = "reps"
+    method: Literal["reps", "lm", "diffmean", "feature"] = "reps"
     n_train: int = Field(32, gt=0)
     n_eval: int = Field(16, gt=1)
     response_tokens: int = Field(32, gt=0)
@@ -74,6 +74,8 @@ class SteerConfig(BaseModel):
     dtype: str | None = None
     store: str | None = None  # DiffMean's activation store
     max_rows: int | None = None  # DiffMean: rows read from the store (default all)
+    sae: str | None = None  # a feature vector's dictionary folder (scope steer from-feature)
+    feature: int | None = None  # and its feature
 
     @field_validator("factors")
     @classmethod
@@ -228,8 +230,12 @@ def claim_run(out: str | Path, cfg: SteerConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / CONFIG
     if path.exists():
-        old = json.loads(path.read_text())
-        if old != json.loads(cfg.model_dump_json()):
+        # Compared as configs, so a folder written before a field existed takes that field's default.
+        try:
+            old = SteerConfig.model_validate_json(path.read_text()).model_dump()
+        except ValueError as err:
+            raise ScopeError(f"{str(path)!r} is not a readable steering config ({err}); choose another --out") from None
+        if old != cfg.model_dump():
             diff = sorted(k for k in set(old) | set(cfg.model_dump()) if old.get(k) != cfg.model_dump().get(k))
             raise ScopeError(f"{str(out)!r} holds a steering run with a different config (differs in {diff}); "
                              "use the same flags to resume, or choose another --out")

@@ -15,7 +15,7 @@ from scope.store.fs import StoreFS
 
 WEIGHTS = "vector.safetensors"
 META = "vector.json"
-METHODS = ("reps", "lm", "diffmean")
+METHODS = ("reps", "lm", "diffmean", "feature")
 
 
 @dataclass
@@ -54,6 +54,31 @@ class SteeringVector:
         tmp.replace(Path(folder) / WEIGHTS)
         fs.write_atomic(META, json.dumps(self.meta(), indent=1).encode())
         return Path(folder)
+
+
+class LayerScale:
+    """Running float64 sums for a hook's mean μ and its scale r = sqrt(E‖h − μ‖²), the unit ‖w‖ is measured in."""
+
+    def __init__(self, width: int):
+        self.rows = 0
+        self.total = torch.zeros(width, dtype=torch.float64)
+        self.squares = torch.zeros((), dtype=torch.float64)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Rows ``[n, width]`` of the hook."""
+        x = x.reshape(len(x), -1).double().cpu()
+        self.total += x.sum(0)
+        self.squares += (x * x).sum()
+        self.rows += len(x)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.rows, 1)
+
+    @property
+    def scale(self) -> float:
+        mean = self.mean
+        return float((self.squares / max(self.rows, 1) - (mean * mean).sum()).clamp_min(0).sqrt())
 
 
 def load_vector(folder: str | Path, device: str | torch.device | None = None) -> SteeringVector:
