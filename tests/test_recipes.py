@@ -217,3 +217,13 @@ def test_each_new_option_trains_on_the_real_model(small_store, tmp_path):
         return float(torch.relu(fired - 0.02).sum())
 
     assert excess("step-freq") < 0.5 * excess("step"), "less firing mass above freq_max"
+
+
+def test_batch_top_selection_equals_one_topk_over_the_batch():
+    from scope.dictionaries.topk import batch_top_indices
+
+    g = torch.Generator().manual_seed(5)
+    for pre in (torch.randn(64, 512, generator=g),
+                torch.cat([torch.randn(63, 512, generator=g), torch.full((1, 512), 9.0)])):  # one row holds many
+        want = pre.reshape(-1).topk(4 * 64).indices.sort().values
+        assert torch.equal(batch_top_indices(pre, 4).sort().values, want)
