@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from scope.dictionaries.matryoshka import prefix_ends
 from scope.dictionaries.whitening import WhiteningSpec
 from scope.errors import ScopeError
 
@@ -130,12 +131,12 @@ class TrainConfig(_Strict):
                 raise ScopeError(f"dictionary {d.label()!r}: sparsity_loss quadratic needs a `target_l0` below "
                                  f"d_sae ({d.d_sae})")
             if d.matryoshka_widths is not None:
-                w = d.matryoshka_widths
                 if d.kind not in ("jumprelu", "topk"):
                     raise ScopeError(f"dictionary {d.label()!r}: matryoshka_widths needs kind jumprelu or topk")
-                if not w or any(b <= a for a, b in zip(w, w[1:])) or w[0] <= 0 or w[-1] > d.d_sae:
-                    raise ScopeError(f"dictionary {d.label()!r}: matryoshka_widths {w} must increase strictly "
-                                     f"within (0, d_sae={d.d_sae}], e.g. [{d.d_sae // 16}, {d.d_sae // 4}, {d.d_sae}]")
+                try:  # the dictionaries' own rule, checked before anything is built
+                    prefix_ends(d.matryoshka_widths, d.d_sae)
+                except ValueError as err:
+                    raise ScopeError(f"dictionary {d.label()!r}: {err}, e.g. [{d.d_sae // 16}, {d.d_sae // 4}]") from None
             if d.init_l0 is not None and (d.kind != "jumprelu" or d.init_l0 >= d.d_sae):
                 raise ScopeError(f"dictionary {d.label()!r}: init_l0 {d.init_l0:g} needs kind jumprelu and a value "
                                  f"below d_sae ({d.d_sae})")
