@@ -10,8 +10,16 @@ and two plotly figures: delta loss against token-steps, and delta loss against L
 
 Run:  python benchmarks/sae_quality.py [--config sae_configs/gemma-3-270m-res-l6-quality-10m-4k.yaml]
           [--out runs/quality-10m] [--lm-tokens 16384] [--markdown PATH] [--figures DIR] [--no-train] [--json]
+          [--only NAME,NAME --no-eval]
 The run folder resumes after a kill (re-run the same command). ``--no-train`` evaluates the snapshots
 that exist so far without training further (a study split across sessions can report where it is).
+``--only`` trains just the named dictionaries, in ``OUT/parts/NAME+NAME``, so that a study can run as one
+single-threaded process per core (on 2 cores that beats one process with 2 threads: the sparse kernels
+scale less well than the matmuls); the evaluation then finds every part's dictionaries:
+
+    OMP_NUM_THREADS=1 python benchmarks/sae_quality.py --only jumprelu-quadratic,topk --no-eval &
+    OMP_NUM_THREADS=1 python benchmarks/sae_quality.py --only batchtopk-matryoshka,... --no-eval &
+    wait; python benchmarks/sae_quality.py --no-train --figures docs/figures
 """
 
 from __future__ import annotations
@@ -47,14 +55,19 @@ def table(results: list[dict], store: str, tokens: int) -> str:
     return "\n".join(lines)
 
 
+PARTS = "parts"
+
+
 def dictionaries_by_step(out: Path, names: list[str], total_steps: int) -> dict[int, dict[str, Path]]:
-    """Saved dictionaries per training step: the snapshots, and the final ones once training is done."""
+    """Saved dictionaries per training step (snapshots, and the final ones once trained), in ``out`` and its parts."""
     found: dict[int, dict[str, Path]] = {}
-    for folder in sorted((out / SNAPSHOTS).glob("step-*")):
-        found[int(folder.name.split("-")[1])] = {n: folder / n for n in names if (folder / n / "cfg.json").exists()}
-    final = {n: out / n for n in names if (out / n / "cfg.json").exists()}
-    if final:
-        found[total_steps] = final
+    for run in [out, *sorted((out / PARTS).glob("*"))]:
+        for folder in sorted((run / SNAPSHOTS).glob("step-*")):
+            saved = {n: folder / n for n in names if (folder / n / "cfg.json").exists()}
+            found.setdefault(int(folder.name.split("-")[1]), {}).update(saved)
+        final = {n: run / n for n in names if (run / n / "cfg.json").exists()}
+        if final:
+            found.setdefault(total_steps, {}).update(final)
     return found
 
 
@@ -101,20 +114,38 @@ def figures(cache: dict, names: list[str], batch_size: int, final_step: int) -> 
     return {"sae_quality_curve": curve, "sae_quality_l0": frontier}
 
 
+def _only(args, names: list[str]) -> list[dict]:
+    """The config's dictionary specs with these names, refusing a name it does not have."""
+    specs = {d.label(): d for d in load_config(args.config).dictionaries}
+    missing = [n for n in names if n not in specs]
+    if missing:
+        raise SystemExit(f"--only: {', '.join(missing)} not in {args.config} (it has: {', '.join(specs)})")
+    return [specs[n].model_dump(exclude_defaults=True) for n in names]
+
+
 def main() -> None:
     ap = sweep_parser(__doc__.splitlines()[0], "sae_configs/gemma-3-270m-res-l6-quality-10m-4k.yaml",
                       "runs/quality-10m")
     ap.add_argument("--lm-tokens", type=int, default=16384)
     ap.add_argument("--figures", default=None, help="also copy the figures' HTML into this folder (e.g. docs/figures)")
     ap.add_argument("--no-train", action="store_true", help="evaluate the snapshots so far; do not train")
+    ap.add_argument("--only", default=None, help="train only these dictionaries (comma-separated), in OUT/parts/")
+    ap.add_argument("--no-eval", action="store_true", help="train, then stop (parts run side by side)")
     args = ap.parse_args()
 
     out = Path(args.out)
+    if args.only:
+        args.overrides.append("dictionaries=" + json.dumps(_only(args, args.only.split(","))))
+        args.out = str(out / PARTS / args.only.replace(",", "+"))
     if args.no_train:
         cfg = load_config(args.config, args.overrides)
         held_out = ActivationStore(cfg.store).split(args.held_out, seed=0)[1]
     else:
         cfg, _, held_out = train_sweep(args)
+    if args.no_eval:
+        return
+    if args.only:
+        cfg = load_config(args.config)
     names = [d.label() for d in cfg.dictionaries]
     total_steps = cfg.trainer.total_tokens // cfg.trainer.batch_size
     cache = evaluate_new(out, dictionaries_by_step(out, names, total_steps), held_out, args.lm_tokens)

@@ -79,6 +79,31 @@ def test_frequency_penalty_acts_only_on_latents_firing_above_the_limit(sparse):
     assert (grad[over == 0] == 0).all()
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_jumprelu_auxk_reconstructs_the_residual_from_dead_latents_only(sparse):
+    d = _jumprelu(aux_coeff=0.25, aux_k=3)
+    x = torch.randn(64, 16)
+    dead = torch.zeros(256, dtype=torch.bool)
+    dead[::4] = True
+    parts = d.loss(x, 0.0, sparse=sparse, dead=dead)
+    assert (parts.codes is None) == sparse, "the path under test ran"
+    # by hand: the residual of the main reconstruction, rebuilt from each row's top 3 ReLU'd dead pre-activations
+    z = d.pre_acts(x).detach()
+    f = z * (z > d.threshold.detach())
+    err = x * d.input_scale - (f @ d.W_dec.detach() + d.b_dec.detach())
+    zd = torch.relu(z).masked_fill(~dead, 0)
+    top = torch.zeros_like(zd).scatter(-1, zd.topk(3, dim=-1).indices, zd.topk(3, dim=-1).values)
+    want = (err - top @ d.W_dec.detach()).pow(2).sum(-1).mean() / (err - err.mean(0)).pow(2).sum(-1).mean()
+    torch.testing.assert_close(parts.aux, want, rtol=1e-4, atol=1e-6)
+    without = d.loss(x, 0.0, sparse=sparse, dead=None)
+    assert without.aux is None
+    torch.testing.assert_close(parts.loss - without.loss, 0.25 * want, rtol=1e-4, atol=1e-6)
+    d.zero_grad()
+    (parts.loss - without.loss).backward()
+    moved = d.W_dec.grad.abs().sum(1) > 0
+    assert moved.any() and not moved[~dead].any(), "only dead latents' decoder columns learn from AuxK"
+
+
 def _prefix_losses_by_hand(d, x: torch.Tensor, codes: torch.Tensor, widths: list[int]) -> torch.Tensor:
     xs = x * d.input_scale
     return sum((xs - (codes[:, :m] @ d.W_dec[:m] + d.b_dec)).pow(2).sum(-1).mean() for m in widths)

@@ -324,3 +324,25 @@ def test_set_overrides_and_width_mismatch(synth, tmp_path):
     bad = load_config(data=_cfg(synth), overrides=["dictionaries.0.d_in=640"])
     with pytest.raises(ScopeError, match="width 16, but dictionary 'jumprelu-64-l0.01' expects d_in=640"):
         train(bad, tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize("window", [1, 7, 58, 98, 250])
+def test_the_firing_record_always_holds_the_whole_dead_window(window):
+    from scope.training.config import DictSpec
+    from scope.training.trainer import DEAD_BLOCKS, Trained, block_steps_for, dead_window_for
+
+    batch, frequency = 1024, 1e-5
+    if window == 98:
+        assert dead_window_for(batch, 585, frequency) == 98, "the quickstart's window"
+    d_sae = 8
+    run = Trained(DictSpec(kind="jumprelu", d_sae=d_sae), None, None,
+                  torch.zeros(DEAD_BLOCKS + 1, d_sae, dtype=torch.long), torch.zeros(DEAD_BLOCKS + 1, dtype=torch.long))
+    counts = torch.zeros(d_sae, dtype=torch.long)
+    counts[0] = 5
+    for step in range(3 * window + 20):
+        run.record(counts, batch, step, block_steps_for(window))
+        if step + 1 >= window:
+            assert int(run.fire_rows.sum()) >= window * batch, (step, int(run.fire_rows.sum()))
+            if window * batch * frequency >= 1:
+                mask = run.dead_mask(frequency)
+                assert mask is not None and not mask[0] and mask[1:].all()

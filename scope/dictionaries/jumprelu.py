@@ -21,6 +21,9 @@ option here (see docs/methods/jumprelu.md for the forms and why each was chosen)
   fraction of the batch's rows on which latent i fires (same pseudo-derivative), p_max = ``freq_max``;
 * the Matryoshka reconstruction loss over nested prefixes of the latents, ``matryoshka_widths``
   (scope/dictionaries/matryoshka.py).
+
+Against dead latents, beside the pre-activation loss, ``aux_coeff`` adds TopK's AuxK loss
+(scope/dictionaries/auxk.py) over the latents the trainer's firing record calls dead.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from scope.dictionaries.base import Dictionary, DictionaryConfig
 from pydantic import model_validator
 
+from scope.dictionaries.auxk import aux_loss
+from scope.dictionaries.base import Dictionary, DictionaryConfig
 from scope.dictionaries.losses import LossParts
 from scope.dictionaries.matryoshka import dense_reconstruction, prefix_ends, sparse_reconstruction
 from scope.dictionaries.sparse import GatheredPre, pairs
@@ -96,6 +100,8 @@ class JumpReLUConfig(DictionaryConfig):
     freq_coeff: float = 0.0  # λ_f of the frequency penalty (0: off)
     freq_max: float = 0.1  # p_max: firing fraction above which a latent is penalised
     matryoshka_widths: list[int] | None = None  # nested prefixes that must each reconstruct x
+    aux_coeff: float = 0.0  # weight of the AuxK loss on dead latents (0: off)
+    aux_k: int | None = None  # dead latents per row in it; default d_in // 2, as for TopK
 
     @model_validator(mode="after")
     def _target_for_quadratic(self) -> "JumpReLUConfig":
@@ -173,6 +179,12 @@ class JumpReLU(Dictionary):
         gap = torch.relu(self.threshold[idx].to(z.dtype) - z) * self.W_dec[idx].norm(dim=1)
         return self.cfg.pre_act_coeff * gap.sum(-1).mean()
 
+    def _aux(self, pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor | None, gather=None) -> torch.Tensor | None:
+        """The AuxK loss over ``dead`` latents, when ``aux_coeff`` is set and the trainer has a dead mask."""
+        if dead is None or self.cfg.aux_coeff == 0:
+            return None
+        return aux_loss(pre, err, dead, self.cfg.aux_k or self.cfg.d_in // 2, self.W_dec, gather)
+
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold.to(pre.dtype))
 
@@ -181,7 +193,7 @@ class JumpReLU(Dictionary):
         """‖x − x̂‖² + λ‖f‖₀ in normalised units, averaged over the batch (sparse kernels by default).
 
         ``dead`` ([d_sae] bool, from the trainer's firing record) switches on the pre-activation loss
-        for those latents when ``pre_act_coeff`` is set.
+        and the AuxK loss for those latents when ``pre_act_coeff`` or ``aux_coeff`` is set.
         """
         if not sparse:
             return self._dense_loss(x, sparsity_coeff, dead)
@@ -201,8 +213,11 @@ class JumpReLU(Dictionary):
         sparsity, freq = self._sparsity(f, z, th, self.W_dec.norm(dim=1)[cols], x.shape[0], cols)
         active = z.detach() > th
         counts = torch.bincount(cols[active], minlength=self.cfg.d_sae)
-        return LossParts(loss=rec.loss + sparsity_coeff * sparsity + freq + self._pre_act(xin, dead), mse=rec.mse,
-                         l0=active.sum() / x.shape[0], counts=counts)
+        aux = self._aux(pre, rec.err, dead,
+                        lambda r, c: (GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, r, c, shift), r, c))
+        loss = rec.loss + sparsity_coeff * sparsity + freq + self._pre_act(xin, dead)
+        return LossParts(loss=loss if aux is None else loss + self.cfg.aux_coeff * aux, mse=rec.mse,
+                         l0=active.sum() / x.shape[0], counts=counts, aux=aux)
 
     def _dense_loss(self, x: torch.Tensor, sparsity_coeff: float, dead: torch.Tensor | None = None) -> LossParts:
         xs = x.to(self.W_enc.dtype) * self.input_scale
@@ -212,5 +227,7 @@ class JumpReLU(Dictionary):
         f = JumpReLUFn.apply(pre, theta, self.cfg.bandwidth)
         rec = dense_reconstruction(xs, f, self.W_dec, self.b_dec, self.prefix_ends)
         sparsity, freq = self._sparsity(f, pre, theta, self.W_dec.norm(dim=1), x.shape[0])
-        return LossParts(loss=rec.loss + sparsity_coeff * sparsity + freq + self._pre_act(xin, dead), mse=rec.mse,
-                         l0=(f != 0).sum(-1).float().mean(), counts=(f != 0).sum(0), codes=f.detach())
+        aux = self._aux(pre, rec.err, dead)
+        loss = rec.loss + sparsity_coeff * sparsity + freq + self._pre_act(xin, dead)
+        return LossParts(loss=loss if aux is None else loss + self.cfg.aux_coeff * aux, mse=rec.mse,
+                         l0=(f != 0).sum(-1).float().mean(), counts=(f != 0).sum(0), aux=aux, codes=f.detach())

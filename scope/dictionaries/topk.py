@@ -1,4 +1,4 @@
-"""TopK, BatchTopK and statistical top-k SAEs, with the AuxK loss against dead latents.
+"""TopK, BatchTopK and statistical top-k SAEs, with the AuxK loss against dead latents (dictionaries/auxk.py).
 
 Sources: Gao et al. 2024, "Scaling and evaluating sparse autoencoders" (arXiv 2406.04093), Sec. 2.3
 (TopK activation) and Appendix A.2 (AuxK: the residual error is reconstructed from the top k_aux
@@ -19,11 +19,12 @@ from typing import Literal
 
 import torch
 
+from scope.dictionaries.auxk import Gather, aux_loss
 from scope.dictionaries.base import Dictionary, DictionaryConfig
 from scope.dictionaries.jumprelu import JumpReLU, JumpReLUConfig
 from scope.dictionaries.losses import LossParts
 from scope.dictionaries.matryoshka import dense_reconstruction, prefix_ends, sparse_reconstruction
-from scope.dictionaries.sparse import GatheredPre, SparseDecode, pairs
+from scope.dictionaries.sparse import GatheredPre, pairs
 
 
 class TopKConfig(DictionaryConfig):
@@ -150,27 +151,7 @@ class TopK(Dictionary):
         if self.cfg.selection == "batch" and active.numel():
             self.threshold.lerp_(active.min().to(self.threshold.dtype), 0.01 if self.threshold > 0 else 1.0)
 
-    def _aux_loss(self, pre: torch.Tensor, err: torch.Tensor, gather=None) -> torch.Tensor | None:
-        """Reconstruct the detached residual from the top ``aux_k`` dead latents (Gao et al., App. A.2)."""
+    def _aux_loss(self, pre: torch.Tensor, err: torch.Tensor, gather: Gather | None = None) -> torch.Tensor | None:
+        """AuxK over the latents that have not fired for ``dead_after_tokens`` rows."""
         dead = self.tokens_since_fired > self.cfg.dead_after_tokens
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return None
-        k_aux = min(self.cfg.aux_k or self.cfg.d_in // 2, n_dead)
-        residual = err.detach()
-        scale = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
-        if gather is None:
-            dead_pre = torch.relu(pre).masked_fill(~dead, 0.0)
-            vals, idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
-            aux_recon = torch.zeros_like(dead_pre).scatter(-1, idx, vals) @ self.W_dec
-        else:
-            with torch.no_grad():
-                vals, idx = torch.relu(pre).masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
-                idx, order = idx.sort(-1)
-                # Only positive dead entries: top-k pads short rows with masked zeros of live latents.
-                keep = vals.gather(-1, order).reshape(-1) > 0
-                rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k_aux)[keep]
-            z, r, c = gather(rows, idx.reshape(-1)[keep])
-            aux_recon = SparseDecode.apply(torch.relu(z), self.W_dec, r, c, pre.shape[0])
-        return (residual - aux_recon).pow(2).sum(-1).mean() / scale
-
+        return aux_loss(pre, err, dead, self.cfg.aux_k or self.cfg.d_in // 2, self.W_dec, gather)

@@ -44,8 +44,9 @@ class DictSpec(_Strict):
     freq_max: float = Field(0.1, gt=0, le=1, description="jumprelu: firing fraction above which the frequency penalty acts")
     matryoshka_widths: list[int] | None = Field(
         None, description="jumprelu, topk: nested prefixes of the latents that must each reconstruct x (Matryoshka)")
-    aux_k: int | None = None
-    aux_coeff: float = 1 / 32
+    aux_k: int | None = Field(None, gt=0, description="topk, jumprelu: dead latents per row in the AuxK loss (default d_in // 2)")
+    aux_coeff: float | None = Field(
+        None, ge=0, description="topk, jumprelu: weight of the AuxK loss on dead latents (default 1/32 for topk, 0 for jumprelu)")
     dead_after_tokens: int = 1_000_000
     iterations: int = Field(20, gt=0, description="J: matching-pursuit iterations (icfl)")
     atoms_per_iteration: int = Field(5, gt=0, description="L: atoms picked and fitted per iteration (icfl)")
@@ -56,6 +57,10 @@ class DictSpec(_Strict):
     lr: float | None = Field(None, gt=0, description="overrides trainer.lr for this dictionary")
     adam_betas: tuple[float, float] | None = Field(None, description="overrides trainer.adam_betas for this dictionary")
     apply_b_dec_to_input: bool | None = Field(None, description="subtract b_dec before encoding (default: per kind)")
+
+    def revives(self) -> bool:
+        """Whether this JumpReLU's loss needs the trainer's dead mask (pre-activation or AuxK loss)."""
+        return self.kind == "jumprelu" and bool(self.pre_act_coeff or self.aux_coeff)
 
     def label(self) -> str:
         if self.name:

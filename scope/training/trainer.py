@@ -76,7 +76,16 @@ class Trained:
         return float((freq < frequency).double().mean()) if frequency > 0 else float((freq == 0).double().mean())
 
 
+# The firing record is a ring of DEAD_BLOCKS + 1 blocks of ceil(window / DEAD_BLOCKS) steps: the block being
+# filled restarts from zero, so the other DEAD_BLOCKS full blocks always cover at least the whole window
+# (with a ring of exactly window // DEAD_BLOCKS-step blocks, a window of 98 steps held 81-90, never the
+# 1/dead_frequency rows a dead mask needs, and the dead-latent losses silently never ran).
 DEAD_BLOCKS = 10
+
+
+def block_steps_for(window_steps: int) -> int:
+    """Steps per block of the firing record's ring for a dead window of ``window_steps``."""
+    return max(1, math.ceil(window_steps / DEAD_BLOCKS))
 
 
 def dead_window_for(batch_size: int, total_steps: int, frequency: float) -> int | None:
@@ -138,10 +147,11 @@ def _spec_to_dict_cfg(spec: DictSpec, d_in: int, hook: str, store: ActivationSto
     if spec.kind == "jumprelu":
         cfg.update(bandwidth=spec.bandwidth, threshold_init=spec.threshold_init, sparsity_loss=spec.sparsity_loss,
                    tanh_scale=spec.tanh_scale, target_l0=spec.target_l0, pre_act_coeff=spec.pre_act_coeff,
-                   freq_coeff=spec.freq_coeff, freq_max=spec.freq_max)
+                   freq_coeff=spec.freq_coeff, freq_max=spec.freq_max, aux_k=spec.aux_k)
     if spec.kind == "topk":
-        cfg.update(k=spec.k, selection=spec.selection, aux_k=spec.aux_k, aux_coeff=spec.aux_coeff,
-                   dead_after_tokens=spec.dead_after_tokens)
+        cfg.update(k=spec.k, selection=spec.selection, aux_k=spec.aux_k, dead_after_tokens=spec.dead_after_tokens)
+    if spec.kind in ("jumprelu", "topk") and spec.aux_coeff is not None:
+        cfg["aux_coeff"] = spec.aux_coeff
     if spec.matryoshka_widths is not None:
         cfg["matryoshka_widths"] = spec.matryoshka_widths
     if spec.kind == "icfl":
@@ -243,16 +253,16 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
     train_view, _ = store.split(t.held_out, seed=0)
     stats = input_stats(train_view, hook, t.norm_estimate_rows, t.seed)
     device = _device(cfg)
-    block_steps = max(1, t.dead_window_steps // DEAD_BLOCKS)
+    block_steps = block_steps_for(t.dead_window_steps)
     total_steps = t.total_tokens // t.batch_size
     if total_steps == 0:
         raise ScopeError(f"trainer.total_tokens {t.total_tokens} is less than one batch ({t.batch_size})")
-    revived = [s.label() for s in cfg.dictionaries if s.pre_act_coeff]
+    revived = [s.label() for s in cfg.dictionaries if s.revives()]
     too_few_rows = t.dead_window_steps * t.batch_size * t.dead_frequency < 1
     # Every latent fires in the first, dense steps, so a window that spans the run never sees one die.
     if revived and (too_few_rows or t.dead_window_steps >= total_steps):
         fit = dead_window_for(t.batch_size, total_steps, t.dead_frequency)
-        warnings.warn(f"{', '.join(revived)} set pre_act_coeff, but a dead window of {t.dead_window_steps} steps "
+        warnings.warn(f"{', '.join(revived)} set pre_act_coeff or aux_coeff, but a dead window of {t.dead_window_steps} steps "
                       f"({'fewer than the 1/dead_frequency rows that tell a dead latent' if too_few_rows else 'the whole run'}) "
                       "lets it do nothing; "
                       + (f"set trainer.dead_window_steps to {fit}" if fit else "this run is too short for it"),
@@ -280,8 +290,9 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
             sae.init_thresholds(own.sample, spec.init_l0)
         opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=spec.lr or t.lr,
                                betas=spec.adam_betas or t.adam_betas)
-        runs.append(Trained(spec, sae, opt, torch.zeros(DEAD_BLOCKS, spec.d_sae, dtype=torch.long, device=device),
-                            torch.zeros(DEAD_BLOCKS, dtype=torch.long, device=device)))
+        runs.append(Trained(spec, sae, opt, torch.zeros(DEAD_BLOCKS + 1, spec.d_sae, dtype=torch.long,
+                                                              device=device),
+                            torch.zeros(DEAD_BLOCKS + 1, dtype=torch.long, device=device)))
     start = _resume(out, cfg, runs) if (out / CHECKPOINT).exists() else 0
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -310,7 +321,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
                 with torch.no_grad():
                     prepared[key] = run.sae.prepare(x)[0]
             xr = prepared[key]
-            extra = {"dead": run.dead_mask(t.dead_frequency)} if run.spec.pre_act_coeff else {}
+            extra = {"dead": run.dead_mask(t.dead_frequency)} if run.spec.revives() else {}
             with autocast:
                 parts = run.sae.loss(xr, run.spec.sparsity_coeff * lam_mult, sparse=t.sparse_kernels, **extra)
             parts.loss.backward()
