@@ -20,8 +20,8 @@ export_app = typer.Typer(help="Write scope dictionaries in other tools' layouts.
 @import_app.command("gemma-scope")
 @friendly
 def import_gemma_scope(
-    source: Annotated[str, typer.Argument(help="params.npz, a Gemma Scope 2 folder, or a hub repo such as google/gemma-scope-2b-pt-res.")],
-    path_in_repo: Annotated[Optional[str], typer.Argument(help="With a hub repo: e.g. layer_20/width_16k/average_l0_71/params.npz.")] = None,
+    source: Annotated[str, typer.Argument(help="params.npz, a Gemma Scope 2 folder, a local copy of a release, or a hub repo such as google/gemma-scope-2b-pt-res.")],
+    path_in_repo: Annotated[Optional[str], typer.Argument(help="With a hub repo or a local folder: the SAE inside it, e.g. layer_20/width_16k/average_l0_71 or resid_post/layer_6_width_16k_l0_small.")] = None,
     out: Annotated[str, typer.Option(help="scope dictionary folder to write.")] = "",
     revision: Annotated[Optional[str], typer.Option()] = None,
     hook: Annotated[Optional[str], typer.Option(help="Hook the SAE reads, when it cannot be inferred.")] = None,

@@ -45,7 +45,8 @@ def load_gemma_scope(source: str | Path, path_in_repo: str | None = None, *, rev
                      device: str | torch.device | None = None) -> JumpReLU:
     """A Gemma Scope ``params.npz`` or Gemma Scope 2 ``params.safetensors`` SAE, from disk or the hub.
 
-    ``source`` is a local file or folder, a hub repo id with ``path_in_repo`` (a folder or a file in it), or
+    ``source`` is a local file or folder (a local folder may take a ``path_in_repo`` inside it, like a repo), a hub
+    repo id with ``path_in_repo`` (a folder or a file in it), or
     ``hf://<owner>/<repo>/<path>``. Hook and model are read from the repo id, the path and Gemma Scope 2's
     ``config.json`` when they are recognisable (``hook``/``model`` override): res SAEs read
     ``blocks.L.hook_resid_post``, mlp ``blocks.L.hook_mlp_out``, att ``blocks.L.attn.hook_z``.
@@ -68,8 +69,13 @@ def _locate_gemma_scope(source: str | Path, path_in_repo: str | None,
                         revision: str | None) -> tuple[Path, Path | None, str]:
     """(weights file, optional config.json, text naming the SAE for provenance) for any accepted source."""
     text = str(source)
-    if path_in_repo is None and Path(text).exists():
-        weights, config = _local_gemma_scope(Path(text))
+    if Path(text).exists():  # a local folder with a sub-path works like a repo with a path in it
+        sub = (path_in_repo or "").strip("/")
+        path = Path(text) / sub if sub else Path(text)
+        if not path.exists():
+            raise ScopeError(f"local folder {text!r} has no {sub!r}; give a path inside it such as "
+                             f"'resid_post/layer_6_width_16k_l0_small', or the weights file itself")
+        weights, config = _local_gemma_scope(path)
         return weights, config, str(weights.absolute())  # not resolve(): hub-cache files are symlinks to blobs
     if path_in_repo is None and text.startswith("hf://"):
         parts = text.removeprefix("hf://").strip("/").split("/")
@@ -184,9 +190,18 @@ def _refuse_transcoders(ref: str, raw_cfg: dict[str, Any]) -> None:
     inside = ref[repo.end():].lower().split("/") if repo else []
     named = (repo and repo.group(0).endswith("transcoders")) or any(
         part.startswith(("transcoder", "clt")) for part in inside)
-    if named or raw_cfg.get("hf_hook_point_out") or "affine_connection" in raw_cfg:
+    if named or is_transcoder_config(raw_cfg):
         raise ScopeError(f"{ref!r} is a transcoder (it writes a different site than it reads); only Gemma Scope "
                          f"SAEs (res, mlp, att / resid_post, mlp_out, attn_out) convert to scope dictionaries")
+
+
+def is_transcoder_config(raw_cfg: dict[str, Any]) -> bool:
+    """Whether a Gemma Scope 2 config.json describes a transcoder: its ``type`` says so, its affine skip
+    connection is on, or it writes a different site than it reads. Gemma Scope 2's SAE configs carry
+    ``"type": "sae"``, ``"affine_connection": false`` and ``hf_hook_point_out`` equal to ``hf_hook_point_in``."""
+    hook_in, hook_out = raw_cfg.get("hf_hook_point_in"), raw_cfg.get("hf_hook_point_out")
+    return (raw_cfg.get("type") == "transcoder" or raw_cfg.get("affine_connection") is True
+            or bool(hook_out and hook_out != hook_in))
 
 
 def _gemma_3_model(ref: str, raw_cfg: dict[str, Any]) -> str | None:
