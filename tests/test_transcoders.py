@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from scope.cli import app
+from scope.dictionaries import Transcoder, build, load
 from scope.dictionaries.interop import load_any, load_gemma_scope
 from scope.errors import ScopeError
 
@@ -99,3 +100,121 @@ def test_import_local_release_folder_with_sub_path(tmp_path):
     assert bad.exit_code == 2 and "layer_7_width_16k_l0_small" in bad.output and "Traceback" not in bad.output
     with pytest.raises(ScopeError, match="has no 'nope'"):
         load_gemma_scope(root, "nope")
+
+
+# --- 2. the transcoder kind ---------------------------------------------------------------------------------
+def random_transcoder(activation: str = "jumprelu", skip: bool = True, seed: int = 0, d_out: int = 12,
+                      c_in: float = 0.4, c_out: float = 3.0, **fields) -> Transcoder:
+    d = build({"kind": "transcoder", "activation": activation, "d_in": D, "d_out": d_out, "d_sae": M, "skip": skip,
+               "hook": "blocks.6.ln2.hook_out", "output_hook": "blocks.6.hook_mlp_out", **fields})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in d.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.1 if name == "b_enc" else 0.5))
+        if activation == "jumprelu":
+            d.threshold.copy_(torch.rand(M, generator=g) * 0.3 + 0.05)
+        if activation == "batchtopk":
+            d.threshold.fill_(0.3)  # the one inference threshold
+        d.input_scale.fill_(c_in)
+        d.output_scale.fill_(c_out)
+    return d
+
+
+@pytest.mark.parametrize("activation,fields", [("jumprelu", {}), ("topk", {"k": 5}), ("batchtopk", {"k": 5})])
+def test_transcoder_equations_by_hand(activation, fields):
+    """ŷ = (f W_dec + b_dec + c_in·x W_skip)/c_out with f = act(c_in·x W_enc + b_enc); decode omits the skip."""
+    d = random_transcoder(activation, **fields).eval()
+    assert isinstance(d, Transcoder) and d.kind == "transcoder" and not d.cfg.apply_b_dec_to_input
+    x = xs()
+    with torch.no_grad():
+        pre = 0.4 * x @ d.W_enc + d.b_enc
+        f = d.activation(pre)
+        if activation == "jumprelu":
+            torch.testing.assert_close(f, pre * (pre > d.threshold))
+        elif activation == "batchtopk":
+            torch.testing.assert_close(f, torch.relu(pre) * (pre > 0.3))
+        else:
+            assert ((f != 0).sum(-1) <= 5).all()
+        want = (f @ d.W_dec + d.b_dec + 0.4 * x @ d.W_skip) / 3.0
+        codes, y = d.reconstruct(x)
+        torch.testing.assert_close(codes, f)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(d(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(d.decode(f) + d.skip(x), want, rtol=1e-5, atol=1e-5)
+    assert d.output_hook == "blocks.6.hook_mlp_out" and d.cfg.hook == "blocks.6.ln2.hook_out"
+
+
+@pytest.mark.parametrize("activation,fields", [("jumprelu", {}), ("topk", {"k": 5})])
+def test_both_scales_fold_and_unfold(tmp_path, activation, fields):
+    """Saving folds c_in and c_out into the weights (W_enc·c_in, W_dec/c_out, b_dec/c_out, W_skip·c_in/c_out)
+    without changing the outputs; putting the scales back (unfolding) changes nothing either."""
+    d = random_transcoder(activation, **fields).eval()
+    x = xs()
+    with torch.no_grad():
+        want = d(x)
+        sd = d.saved_tensors(fold=True)
+        torch.testing.assert_close(sd["W_enc"], d.W_enc * 0.4)
+        torch.testing.assert_close(sd["W_dec"], d.W_dec / 3.0)
+        torch.testing.assert_close(sd["b_dec"], d.b_dec / 3.0)
+        torch.testing.assert_close(sd["W_skip"], d.W_skip * 0.4 / 3.0)
+        assert float(sd["input_scale"]) == float(sd["output_scale"]) == 1.0
+        back = load(d.save(tmp_path / "tc"))
+        assert type(back) is type(d) and back.cfg == d.cfg
+        torch.testing.assert_close(back(x), want, rtol=1e-5, atol=1e-5)
+        d.fold_input_scale()
+        assert float(d.input_scale) == float(d.output_scale) == 1.0
+        torch.testing.assert_close(d(x), want, rtol=1e-5, atol=1e-5)
+        # unfold: new scales (0.5, 7) with the weights divided back out give the same map
+        for name, f in (("W_enc", 1 / 0.5), ("W_dec", 7.0), ("b_dec", 7.0), ("W_skip", 7.0 / 0.5)):
+            getattr(d, name).mul_(f)
+        d.input_scale.fill_(0.5)
+        d.output_scale.fill_(7.0)
+        torch.testing.assert_close(d(x), want, rtol=1e-4, atol=1e-4)
+    cfg = json.loads((tmp_path / "tc" / "cfg.json").read_text())
+    assert cfg["hook"] == "blocks.6.ln2.hook_out" and cfg["output_hook"] == "blocks.6.hook_mlp_out"
+    assert cfg["kind"] == "transcoder" and cfg["activation"] == activation and cfg["skip"] is True
+
+
+def test_skip_transcoder_with_zero_encoder_is_the_least_squares_fit():
+    """W_enc = 0 leaves only ŷ = b_dec + x W_skip: with the least-squares fit in W_skip and b_dec it reproduces
+    the linear fit, and the training loss is stationary there (its gradient in W_skip and b_dec is 0)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(400, D, generator=g, dtype=torch.float64) * 3
+    y = x @ torch.randn(D, 12, generator=g, dtype=torch.float64) + torch.randn(400, 12, generator=g,
+                                                                               dtype=torch.float64) + 2.0
+    design = torch.cat([x, torch.ones(400, 1, dtype=torch.float64)], 1)
+    sol = torch.linalg.lstsq(design, y).solution
+    W, b = sol[:-1], sol[-1]
+    c_in, c_out = 0.25, 0.1
+    d = build({"kind": "transcoder", "d_in": D, "d_out": 12, "d_sae": M, "skip": True}).double()
+    with torch.no_grad():
+        d.W_enc.zero_()
+        d.b_enc.zero_()
+        d.input_scale.fill_(c_in)
+        d.output_scale.fill_(c_out)
+        d.W_skip.copy_(W * c_out / c_in)  # training units: c_in·x ↦ c_out·y
+        d.b_dec.copy_(b * c_out)
+    fit = design @ sol
+    with torch.no_grad():
+        codes, y_hat = d.reconstruct(x)
+    assert not codes.any()
+    torch.testing.assert_close(y_hat, fit)
+    parts = d.loss(x, sparsity_coeff=0.1, sparse=False, target=y)
+    parts.loss.backward()
+    assert float(d.W_skip.grad.abs().max()) < 1e-9 and float(d.b_dec.grad.abs().max()) < 1e-9
+    fvu = float(((y - fit) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+    assert float(parts.mse.detach()) * 400 / c_out**2 == pytest.approx(float(((y - fit) ** 2).sum()))
+    assert 0 < fvu < 1
+
+
+def test_bad_transcoder_configs_name_the_value():
+    with pytest.raises(ScopeError, match="unknown transcoder activation 'relu'.*jumprelu.*topk.*batchtopk"):
+        build({"kind": "transcoder", "activation": "relu", "d_in": D, "d_out": D, "d_sae": M})
+    with pytest.raises(ScopeError, match="apply_b_dec_to_input must be false"):
+        build({"kind": "transcoder", "activation": "topk", "k": 3, "d_in": D, "d_out": D, "d_sae": M,
+               "apply_b_dec_to_input": True})
+    with pytest.raises(ScopeError, match="selection 'exact' contradicts"):
+        build({"kind": "transcoder", "activation": "batchtopk", "k": 3, "selection": "exact", "d_in": D, "d_out": D,
+               "d_sae": M})
+    with pytest.raises(ValueError, match="target=y"):
+        random_transcoder().loss(xs(), 0.1)

@@ -177,14 +177,15 @@ class JumpReLU(Dictionary):
         return pre * (pre > self.threshold.to(pre.dtype))
 
     def loss(self, x: torch.Tensor, sparsity_coeff: float, sparse: bool = True,
-             dead: torch.Tensor | None = None) -> LossParts:
+             dead: torch.Tensor | None = None, target: torch.Tensor | None = None) -> LossParts:
         """‖x − x̂‖² + λ‖f‖₀ in normalised units, averaged over the batch (sparse kernels by default).
 
         ``dead`` ([d_sae] bool, from the trainer's firing record) switches on the pre-activation loss
-        for those latents when ``pre_act_coeff`` is set.
+        for those latents when ``pre_act_coeff`` is set. ``target`` (in training units) replaces the scaled
+        input as what the decoder reconstructs: a transcoder's output site (transcoder.py).
         """
         if not sparse:
-            return self._dense_loss(x, sparsity_coeff, dead)
+            return self._dense_loss(x, sparsity_coeff, dead, target)
         eps = self.cfg.bandwidth
         xs, shift, xin, pre = self.gathered_inputs(x)
         theta = self.threshold.float()
@@ -193,24 +194,25 @@ class JumpReLU(Dictionary):
             # (z > θ) or |z − θ| ≤ ε/2  is  z ≥ θ − ε/2, one pass over the array.
             rows, cols = pairs(pre >= theta - eps / 2)
         if rows.numel() > DENSE_ABOVE * pre.numel():  # early in training: dense products are cheaper
-            return self._dense_loss(x, sparsity_coeff, dead)
+            return self._dense_loss(x, sparsity_coeff, dead, target)
         z = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, rows, cols, shift)
         th = theta[cols]
         f = JumpReLUFn.apply(z, th, eps)
-        rec = sparse_reconstruction(xs, f, self.W_dec, self.b_dec, rows, cols, self.prefix_ends)
+        rec = sparse_reconstruction(xs if target is None else target, f, self.W_dec, self.b_dec, rows, cols, self.prefix_ends)
         sparsity, freq = self._sparsity(f, z, th, self.W_dec.norm(dim=1)[cols], x.shape[0], cols)
         active = z.detach() > th
         counts = torch.bincount(cols[active], minlength=self.cfg.d_sae)
         return LossParts(loss=rec.loss + sparsity_coeff * sparsity + freq + self._pre_act(xin, dead), mse=rec.mse,
                          l0=active.sum() / x.shape[0], counts=counts)
 
-    def _dense_loss(self, x: torch.Tensor, sparsity_coeff: float, dead: torch.Tensor | None = None) -> LossParts:
+    def _dense_loss(self, x: torch.Tensor, sparsity_coeff: float, dead: torch.Tensor | None = None,
+                    target: torch.Tensor | None = None) -> LossParts:
         xs = x.to(self.W_enc.dtype) * self.input_scale
         xin = xs - self.b_dec if self.cfg.apply_b_dec_to_input else xs
         pre = xin @ self.W_enc + self.b_enc
         theta = self.threshold.float().to(pre.dtype)
         f = JumpReLUFn.apply(pre, theta, self.cfg.bandwidth)
-        rec = dense_reconstruction(xs, f, self.W_dec, self.b_dec, self.prefix_ends)
+        rec = dense_reconstruction(xs if target is None else target, f, self.W_dec, self.b_dec, self.prefix_ends)
         sparsity, freq = self._sparsity(f, pre, theta, self.W_dec.norm(dim=1), x.shape[0])
         return LossParts(loss=rec.loss + sparsity_coeff * sparsity + freq + self._pre_act(xin, dead), mse=rec.mse,
                          l0=(f != 0).sum(-1).float().mean(), counts=(f != 0).sum(0), codes=f.detach())
