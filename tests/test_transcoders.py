@@ -218,3 +218,104 @@ def test_bad_transcoder_configs_name_the_value():
                "d_sae": M})
     with pytest.raises(ValueError, match="target=y"):
         random_transcoder().loss(xs(), 0.1)
+
+
+# --- 3. stores and training ------------------------------------------------------------------------------
+IN_HOOK, OUT_HOOK = "blocks.6.ln2.hook_out", "blocks.6.hook_mlp_out"  # Gemma 3's MLP input and output (bridge)
+
+
+def tc_config(store: str, steps: int = 10, dictionaries: list | None = None, **top) -> dict:
+    return {"store": store, "input_hook": "x", "output_hook": "y", **top,
+            "trainer": {"total_tokens": 256 * steps, "batch_size": 256, "lr": 3e-3, "lr_warmup_steps": 2,
+                        "sparsity_warmup_steps": 4, "log_every": 2, "checkpoint_every": 1000,
+                        "norm_estimate_rows": 1000, "buffer_rows": 1024},
+            "dictionaries": dictionaries or [{"kind": "transcoder", "d_sae": 64, "sparsity_coeff": 0.01}]}
+
+
+@pytest.fixture(scope="module")
+def two_hook_store(tmp_path_factory) -> str:
+    from test_store import synthetic_store
+
+    url = str(tmp_path_factory.mktemp("tc") / "store")
+    synthetic_store(url, [1200, 1200], width=D, docs_per_shard=30, hooks=("x", "y"))
+    return url
+
+
+@pytest.mark.parametrize("top,message", [
+    ({"output_hook": "blocks.6.hook_mlp_out"}, r"output_hook 'blocks\.6\.hook_mlp_out' is not in store .* holds \['x', 'y'\]"),
+    ({"input_hook": "z"}, r"input_hook 'z' is not in store .* holds \['x', 'y'\]"),
+])
+def test_store_and_config_hooks_disagree(two_hook_store, tmp_path, top, message):
+    from scope.training import load_config, train
+
+    with pytest.raises(ScopeError, match=message):
+        train(load_config(data=tc_config(two_hook_store, **top)), tmp_path / "run", progress=False)
+    path = tmp_path / "c.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(tc_config(two_hook_store, **top)))
+    result = runner.invoke(app, ["train", str(path), "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 2 and "is not in store" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.pop("output_hook"), r"are transcoders but the config sets no `output_hook`"),
+    (lambda c: c["dictionaries"].append({"kind": "jumprelu", "d_sae": 64, "sparsity_coeff": 0.01}),
+     r"`output_hook` 'y' is for transcoders, but dictionaries \['jumprelu-64-l0.01'\] are not"),
+    (lambda c: c["dictionaries"][0].update(activation="batchtopk"), r"is batchtopk but sets no `k`"),
+    (lambda c: c["dictionaries"][0].update(activation="gated"), r"dictionaries\.0\.activation"),
+    (lambda c: c.update(hook="q"), r"`hook` 'q' and `input_hook` 'x' disagree"),
+])
+def test_bad_transcoder_training_configs(change, message):
+    from scope.training import load_config
+
+    cfg = tc_config("somewhere")
+    change(cfg)
+    with pytest.raises(ScopeError, match=message):
+        load_config(data=cfg)
+
+
+def test_transcoder_training_on_a_two_hook_store(two_hook_store, tmp_path):
+    """y is a fixed linear map of x plus noise: a skip transcoder learns it, and the saved scales are folded."""
+    from scope.training import load_config, train
+
+    dicts = [{"kind": "transcoder", "d_sae": 64, "sparsity_coeff": 0.01, "skip": True},
+             {"kind": "transcoder", "activation": "batchtopk", "d_sae": 64, "k": 4}]
+    saved = train(load_config(data=tc_config(two_hook_store, steps=20, dictionaries=dicts)), tmp_path / "run",
+                  progress=False)
+    assert set(saved) == {"skip-transcoder-jumprelu-64-l0.01", "transcoder-batchtopk-64-k4"}
+    for folder in saved.values():
+        d = load(folder)
+        assert d.kind == "transcoder" and d.cfg.hook == "x" and d.output_hook == "y"
+        assert float(d.input_scale) == float(d.output_scale) == 1.0
+    assert load(saved["transcoder-batchtopk-64-k4"]).cfg.activation == "jumprelu"  # saved as it infers
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(f"{n}/fvu" in rows[-1] for n in saved)
+
+
+@pytest.mark.real_model
+def test_real_model_transcoder_run_lowers_output_fvu(gemma, tmp_path):
+    """A tiny store of Gemma 3 270M's layer-6 MLP input and output; a short run's output FVU falls."""
+    from scope.data import open_source
+    from scope.evals import reconstruction_metrics
+    from scope.store import ActivationStore, capture_store
+    from scope.training import load_config, train
+
+    url = str(tmp_path / "store")
+    capture_store(gemma, open_source("bbc"), [IN_HOOK, OUT_HOOK], url, tokens=4000, context=64, progress=False)
+    store = ActivationStore(url)
+    assert store.hooks == {IN_HOOK: (640,), OUT_HOOK: (640,)}
+    cfg = tc_config(url, steps=120, input_hook=IN_HOOK, output_hook=OUT_HOOK,
+                    dictionaries=[{"kind": "transcoder", "d_sae": 512, "sparsity_coeff": 0.003, "init_l0": 32},
+                                  {"kind": "transcoder", "d_sae": 512, "sparsity_coeff": 0.003, "init_l0": 32,
+                                   "skip": True}])
+    cfg["trainer"].update(lr=2e-3, log_every=10, lr_warmup_steps=10, sparsity_warmup_steps=50)
+    saved = train(load_config(data=cfg), tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for name in saved:
+        fvu = [r[f"{name}/fvu"] for r in rows]
+        assert fvu[-1] < 0.7 * fvu[0], (name, fvu)
+    held_out = store.split(0.1, seed=0)[1]
+    metrics = {n: reconstruction_metrics(load(f), held_out) for n, f in saved.items()}
+    for m in metrics.values():
+        assert m.hook == OUT_HOOK and 0 < m.fvu < 1 and m.l0 > 0
