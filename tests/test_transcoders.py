@@ -293,29 +293,97 @@ def test_transcoder_training_on_a_two_hook_store(two_hook_store, tmp_path):
     assert all(f"{n}/fvu" in rows[-1] for n in saved)
 
 
-@pytest.mark.real_model
-def test_real_model_transcoder_run_lowers_output_fvu(gemma, tmp_path):
-    """A tiny store of Gemma 3 270M's layer-6 MLP input and output; a short run's output FVU falls."""
+@pytest.fixture(scope="module")
+def mlp_store(gemma, tmp_path_factory):
+    """A tiny store of Gemma 3 270M's layer-6 MLP input and output, both hooks in every row."""
     from scope.data import open_source
-    from scope.evals import reconstruction_metrics
     from scope.store import ActivationStore, capture_store
+
+    url = str(tmp_path_factory.mktemp("mlp") / "store")
+    capture_store(gemma, open_source("bbc"), [IN_HOOK, OUT_HOOK], url, tokens=4000, context=64, progress=False)
+    return ActivationStore(url)
+
+
+@pytest.fixture(scope="module")
+def trained(mlp_store, tmp_path_factory):
+    """A transcoder and a skip transcoder trained for 120 steps of 256 rows on the tiny store."""
     from scope.training import load_config, train
 
-    url = str(tmp_path / "store")
-    capture_store(gemma, open_source("bbc"), [IN_HOOK, OUT_HOOK], url, tokens=4000, context=64, progress=False)
-    store = ActivationStore(url)
-    assert store.hooks == {IN_HOOK: (640,), OUT_HOOK: (640,)}
-    cfg = tc_config(url, steps=120, input_hook=IN_HOOK, output_hook=OUT_HOOK,
+    cfg = tc_config(mlp_store.url, steps=120, input_hook=IN_HOOK, output_hook=OUT_HOOK,
                     dictionaries=[{"kind": "transcoder", "d_sae": 512, "sparsity_coeff": 0.003, "init_l0": 32},
                                   {"kind": "transcoder", "d_sae": 512, "sparsity_coeff": 0.003, "init_l0": 32,
                                    "skip": True}])
     cfg["trainer"].update(lr=2e-3, log_every=10, lr_warmup_steps=10, sparsity_warmup_steps=50)
-    saved = train(load_config(data=cfg), tmp_path / "run", progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    out = tmp_path_factory.mktemp("run") / "run"
+    saved = train(load_config(data=cfg), out, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return saved, rows
+
+
+@pytest.mark.real_model
+def test_real_model_transcoder_run_lowers_output_fvu(mlp_store, trained):
+    """On the real model's layer-6 MLP, a short run's output FVU falls, for both kinds."""
+    from scope.evals import reconstruction_metrics
+
+    assert mlp_store.hooks == {IN_HOOK: (640,), OUT_HOOK: (640,)}
+    saved, rows = trained
     for name in saved:
         fvu = [r[f"{name}/fvu"] for r in rows]
         assert fvu[-1] < 0.7 * fvu[0], (name, fvu)
-    held_out = store.split(0.1, seed=0)[1]
-    metrics = {n: reconstruction_metrics(load(f), held_out) for n, f in saved.items()}
-    for m in metrics.values():
-        assert m.hook == OUT_HOOK and 0 < m.fvu < 1 and m.l0 > 0
+    held_out = mlp_store.split(0.1, seed=0)[1]
+    for folder in saved.values():
+        m = reconstruction_metrics(load(folder), held_out)
+        assert m.hook == OUT_HOOK and m.input_hook == IN_HOOK and 0 < m.fvu < 1 and m.l0 > 0
+
+
+# --- 4. evaluation ---------------------------------------------------------------------------------------
+def linear_skip_transcoder(store, d_sae: int = 64) -> Transcoder:
+    """A skip transcoder with W_enc = 0 whose W_skip, b_dec are the least-squares fit of the MLP's output on its
+    input over the store: the best affine stand-in for the MLP."""
+    b = next(store.rows([IN_HOOK, OUT_HOOK], batch_size=len(store), shuffle=False, dtype=torch.float64))
+    x, y = b.acts[IN_HOOK], b.acts[OUT_HOOK]
+    sol = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1), y).solution
+    d = build({"kind": "transcoder", "d_in": 640, "d_out": 640, "d_sae": d_sae, "skip": True, "hook": IN_HOOK,
+               "output_hook": OUT_HOOK, "model": "gemma-3-270m"})
+    with torch.no_grad():
+        d.W_enc.zero_()
+        d.b_enc.fill_(-1.0)
+        d.W_skip.copy_(sol[:-1].float())
+        d.b_dec.copy_(sol[-1].float())
+    return d
+
+
+@pytest.mark.real_model
+def test_eval_of_transcoders_splices_the_mlp_output(gemma, mlp_store, trained):
+    """LM loss with the MLP's output replaced: a zero decoder is exactly the zero-ablated MLP, the linear fit
+    recovers part of the loss, the MLP's input is left alone; evaluate() reports both hooks."""
+    from scope.analysis.splice import spliced
+    from scope.evals import evaluate_many
+    from scope.hooks import capture
+
+    zero = build({"kind": "transcoder", "d_in": 640, "d_out": 640, "d_sae": 64, "hook": IN_HOOK,
+                  "output_hook": OUT_HOOK, "model": "gemma-3-270m"})
+    with torch.no_grad():
+        zero.W_dec.zero_()
+    saes = {"zero": zero, "linear": linear_skip_transcoder(mlp_store),
+            **{n: load(f) for n, f in trained[0].items()}}
+    held_out = mlp_store.split(0.1, seed=0)[1]
+    results = {r["name"]: r for r in evaluate_many(saes, held_out, model=gemma, lm_tokens=256, progress=False)}
+    for r in results.values():
+        lm = r["lm"]
+        assert r["hook"] == OUT_HOOK and r["input_hook"] == IN_HOOK and r["output_hook"] == OUT_HOOK
+        assert lm["hook"] == IN_HOOK and lm["output_hook"] == OUT_HOOK and lm["zero_ce"] > lm["clean_ce"]
+    z = results["zero"]["lm"]
+    assert z["spliced_ce"] == pytest.approx(z["zero_ce"], abs=1e-4) and z["ce_loss_recovered"] == pytest.approx(0, abs=1e-3)
+    assert 0 < results["linear"]["lm"]["ce_loss_recovered"] < 1 and results["linear"]["l0"] == 0
+    toks = torch.tensor([[gemma.tokenizer.bos_token_id, *gemma.tokenizer("The Eiffel Tower is in Paris")["input_ids"][1:]]])
+    clean = capture(gemma, toks, [IN_HOOK, OUT_HOOK])
+    with spliced(gemma, saes["linear"]) as sp:
+        inside = capture(gemma, toks, [IN_HOOK, OUT_HOOK])
+    torch.testing.assert_close(inside[IN_HOOK], clean[IN_HOOK])  # the MLP's input is read, not changed
+    want = saes["linear"](clean[IN_HOOK][0])[1:]
+    torch.testing.assert_close(inside[OUT_HOOK][0, 1:], want, rtol=1e-4, atol=1e-3)  # BOS kept
+    assert sp.acts[IN_HOOK].shape == (1, toks.shape[1], 64)
+    with spliced(gemma, saes["linear"], error_term=True):
+        kept = capture(gemma, toks, [OUT_HOOK])
+    torch.testing.assert_close(kept[OUT_HOOK], clean[OUT_HOOK])

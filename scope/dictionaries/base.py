@@ -137,11 +137,17 @@ class Dictionary(nn.Module):
         y = self.decode_prepared(codes)
         return y if self.whitening is None else self.whitening.inverse(y, norms)
 
+    def decode_with_input(self, codes: torch.Tensor, x: torch.Tensor,
+                          norms: torch.Tensor | None = None) -> torch.Tensor:
+        """The reconstruction of codes whose input ``x`` is known: :meth:`decode` for an SAE (a transcoder adds
+        its skip connection's part, which depends on x)."""
+        return self.decode(codes, norms)
+
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, reconstruction) of raw inputs; exact through any whitening."""
         u, norms = self.prepare(x)
         codes = self.encode_prepared(u)
-        return codes, self.decode(codes, norms)
+        return codes, self.decode_with_input(codes, x, norms)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reconstruct(x)[1]

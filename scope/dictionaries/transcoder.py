@@ -143,11 +143,11 @@ class Transcoder(Dictionary):
         """The skip connection's part of the output, x_in W_skip, in raw output units."""
         return self.skip_prepared(x) / self.output_scale
 
-    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes, ŷ) of raw input-site activations: ŷ = decode(codes) + skip(x)."""
-        codes = self.encode(x)
+    def decode_with_input(self, codes: torch.Tensor, x: torch.Tensor,
+                          norms: torch.Tensor | None = None) -> torch.Tensor:
+        """ŷ = decode(codes) + skip(x): what :meth:`reconstruct` and a splice write to the output site."""
         y = self.decode(codes)
-        return codes, y if self.W_skip is None else y + self.skip(x)
+        return y if self.W_skip is None else y + self.skip(x)
 
     def loss(self, x: torch.Tensor, sparsity_coeff: float = 0.0, sparse: bool = True, *,
              target: torch.Tensor | None = None, **kwargs: Any) -> LossParts:
