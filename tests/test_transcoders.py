@@ -387,3 +387,133 @@ def test_eval_of_transcoders_splices_the_mlp_output(gemma, mlp_store, trained):
     with spliced(gemma, saes["linear"], error_term=True):
         kept = capture(gemma, toks, [OUT_HOOK])
     torch.testing.assert_close(kept[OUT_HOOK], clean[OUT_HOOK])
+
+
+# --- 5. interop: Gemma Scope 2 transcoders and attention SAEs, SAELens transcoder layouts -----------------
+@pytest.mark.parametrize("affine", [False, True])
+def test_gemma_scope_2_transcoder_folder_loads_onto_the_mlp_hooks(tmp_path, affine):
+    """transcoder/layer_6_width_16k_l0_small[_affine]/ in the release's form: hooks from config.json's HF module
+    paths, the maths by hand (relu(pre)·1[pre > θ], f w_dec + b_dec + x · affine_skip_connection)."""
+    root = tmp_path / "gemma-scope-2-270m-pt"
+    folder, a = write_gs2(root, "transcoder", 6, "transcoder", seed=7, affine=affine)
+    tc = load_gemma_scope(root, f"transcoder/{folder.name}")
+    assert isinstance(tc, Transcoder) and tc.cfg.activation == "jumprelu" and tc.cfg.skip is affine
+    assert tc.cfg.hook == IN_HOOK and tc.output_hook == OUT_HOOK and tc.cfg.model == "google/gemma-3-270m"
+    x = xs()
+    with torch.no_grad():
+        torch.testing.assert_close(tc.encode(x), hand_codes(a, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tc(x), hand_output(a, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tc.decode(hand_codes(a, x)), hand_codes(a, x) @ a["w_dec"] + a["b_dec"])
+    assert load_any(folder).cfg == tc.cfg
+    result = runner.invoke(app, ["import", "gemma-scope", str(folder), "--out", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["kind"] == "transcoder"
+    back = load(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), hand_output(a, x), rtol=1e-5, atol=1e-5)
+
+
+def test_gemma_scope_2_attention_sae_reads_hook_z_and_bad_hook_points(tmp_path):
+    """attn_out's native point is o_proj's input, the bridge's attn.hook_z (not hook_attn_out)."""
+    root = tmp_path / "gemma-scope-2-270m-pt"
+    folder, _ = write_gs2(root, "attn_out", 5, "sae")
+    assert load_gemma_scope(folder).cfg.hook == "blocks.5.attn.hook_z"
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "hf_hook_point_in": "model.layers.5.mlp.down_proj.input",
+                                                    "hf_hook_point_out": "model.layers.5.mlp.down_proj.input"}))
+    with pytest.raises(ScopeError, match=r"'model\.layers\.5\.mlp\.down_proj\.input' is not a module .*"
+                                         r"pre_feedforward_layernorm"):
+        load_gemma_scope(folder)
+    (folder / "config.json").write_text(json.dumps({**cfg, "hf_hook_point_in": "model.layers.9.self_attn.o_proj.input"}))
+    with pytest.raises(ScopeError, match="layer 9, but the folder says layer_5"):
+        load_gemma_scope(folder)
+
+
+@pytest.mark.real_model
+def test_gemma_scope_2_hook_points_are_the_models_modules(gemma):
+    """The hooks a Gemma Scope 2 config maps to carry exactly what its HF module paths name."""
+    layer = gemma.bridge.blocks[6]._original_component
+    got = {}
+
+    def keep(name, take_input):
+        def fn(mod, inp, out):
+            got[name] = (inp[0] if take_input else out).detach()
+        return fn
+
+    handles = [layer.pre_feedforward_layernorm.register_forward_hook(keep("pre_ff", False)),
+               layer.post_feedforward_layernorm.register_forward_hook(keep("post_ff", False)),
+               layer.self_attn.o_proj.register_forward_hook(keep("o_proj_in", True))]
+    from scope.hooks import capture
+
+    try:
+        toks = gemma.tokenizer("The Eiffel Tower is in Paris.", return_tensors="pt")["input_ids"]
+        # hook_resid_post too, so the early stop comes after the HF modules' own forward hooks have run
+        acts = capture(gemma, toks, [IN_HOOK, OUT_HOOK, "blocks.6.attn.hook_z", "blocks.6.hook_resid_post"])
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(acts[IN_HOOK], got["pre_ff"])
+    torch.testing.assert_close(acts[OUT_HOOK], got["post_ff"])
+    torch.testing.assert_close(acts["blocks.6.attn.hook_z"].flatten(-2), got["o_proj_in"])
+
+
+@pytest.mark.parametrize("activation,skip,arch", [("jumprelu", False, "jumprelu_transcoder"),
+                                                  ("jumprelu", True, "jumprelu_skip_transcoder"),
+                                                  ("batchtopk", True, "jumprelu_skip_transcoder")])
+def test_saelens_transcoder_export_round_trip(tmp_path, activation, skip, arch):
+    from safetensors.torch import load_file
+
+    from scope.dictionaries.interop import from_saelens, to_saelens
+
+    d = random_transcoder(activation, skip=skip, **({"k": 5} if activation == "batchtopk" else {})).eval()
+    folder = to_saelens(d, tmp_path / "sl")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == arch and cfg["d_out"] == 12 and not cfg["apply_b_dec_to_input"]
+    assert cfg["metadata"]["hook_name"] == IN_HOOK and cfg["metadata"]["hook_name_out"] == OUT_HOOK
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    if skip:
+        assert w["W_skip"].shape == (12, D)  # SAELens: [d_out, d_in], x · W_skipᵀ
+        torch.testing.assert_close(w["W_skip"], (d.W_skip * 0.4 / 3.0).T)
+    back = from_saelens(folder)
+    assert back.kind == "transcoder" and back.cfg.skip is skip and back.output_hook == OUT_HOOK
+    x = xs()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), d(x), rtol=1e-5, atol=1e-5)
+        # SAELens's maths on the exported tensors: relu(z)·1[z > θ], f W_dec + b_dec + x W_skipᵀ
+        pre = x @ w["W_enc"] + w["b_enc"]
+        f = torch.relu(pre) * (pre > w["threshold"])
+        y = f @ w["W_dec"] + w["b_dec"] + (x @ w["W_skip"].T if skip else 0)
+        torch.testing.assert_close(y, d(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ScopeError, match="topk transcoder dictionary has no SAELens counterpart"):
+        to_saelens(random_transcoder("topk", k=5), tmp_path / "no")
+
+
+def test_saelens_itself_opens_the_transcoder_exports(tmp_path):
+    """In the SAELens environment (skipped without it): SAE.load_from_disk reads the exports, same outputs."""
+    import os
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from scope.dictionaries.interop import to_saelens
+    from test_interop import SIDE, _saelens_python
+
+    py = _saelens_python()
+    if py is None:
+        pytest.skip("no SAELens environment: run benchmarks/saelens_venv.sh, or set SCOPE_SAELENS_PYTHON")
+    x = xs()
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    made = {f"skip-{skip}": random_transcoder(skip=skip, seed=int(skip)).eval() for skip in (False, True)}
+    jobs = []
+    for name, d in made.items():
+        to_saelens(d, tmp_path / name)
+        jobs.append({"op": "load", "name": name, "folder": str(tmp_path / name), "x": str(tmp_path / "x.safetensors"),
+                     "out": str(tmp_path / f"{name}.out.safetensors")})
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    proc = subprocess.run([py, str(SIDE), str(tmp_path / "jobs.json")], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name, d in made.items():
+        out = load_file(str(tmp_path / f"{name}.out.safetensors"))
+        with torch.no_grad():
+            torch.testing.assert_close(out["codes"], d.encode(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out["forward"], d(x), rtol=1e-5, atol=1e-5)

@@ -26,14 +26,15 @@ def import_gemma_scope(
     revision: Annotated[Optional[str], typer.Option()] = None,
     hook: Annotated[Optional[str], typer.Option(help="Hook the SAE reads, when it cannot be inferred.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Model the SAE belongs to, when it cannot be inferred.")] = None,
+    output_hook: Annotated[Optional[str], typer.Option(help="Transcoders: the hook written, when it cannot be inferred.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Import a Gemma Scope (or Gemma Scope 2) JumpReLU SAE."""
+    """Import a Gemma Scope (or Gemma Scope 2) JumpReLU SAE or Gemma Scope 2 transcoder."""
     from scope.dictionaries.interop import load_gemma_scope
 
     if not out:
         raise ScopeError("--out is required: the folder to write the scope dictionary to")
-    sae = load_gemma_scope(source, path_in_repo, revision=revision, hook=hook, model=model)
+    sae = load_gemma_scope(source, path_in_repo, revision=revision, hook=hook, model=model, output_hook=output_hook)
     _saved(sae, sae.save(out), as_json)
 
 
@@ -60,7 +61,7 @@ def export_saelens(sae: str, out: str, as_json: JsonOpt = False) -> None:
 
 def _saved(sae, path, as_json: bool) -> None:
     info = {"path": str(path), "kind": sae.kind, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "hook": sae.cfg.hook,
-            "model": sae.cfg.model}
+            "model": sae.cfg.model, **({"output_hook": sae.output_hook} if sae.kind == "transcoder" else {})}
     emit(info, as_json, f"wrote {sae.kind} dictionary {sae.cfg.d_in}x{sae.cfg.d_sae} (hook {sae.cfg.hook}) to {path}")
 
 
