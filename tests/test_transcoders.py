@@ -517,3 +517,25 @@ def test_saelens_itself_opens_the_transcoder_exports(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(out["codes"], d.encode(x), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(out["forward"], d(x), rtol=1e-5, atol=1e-5)
+
+
+# --- 6. dashboards and feature analysis --------------------------------------------------------------------
+@pytest.mark.real_model
+def test_dashboards_and_feature_analysis_of_a_transcoder(gemma, mlp_store, trained, tmp_path):
+    """Features fire on the input site (stats from blocks.6.ln2.hook_out), logit effects come from the output
+    directions (rows of W_dec at hook_mlp_out); prompt features and attribution run through the two-hook splice."""
+    from scope.analysis.attribution import attribute
+    from scope.analysis.features import prompt_features
+    from scope.dashboards.publish import decoder_directions, publish
+
+    tc = load(trained[0]["skip-transcoder-jumprelu-512-l0.003"])
+    torch.testing.assert_close(decoder_directions(tc, [3, 7]), tc.W_dec[[3, 7]].float())  # the skip term cancels
+    done = publish(tc, mlp_store, str(tmp_path / "site"), features=[0, 1, 2, 3], model=gemma, logits=5,
+                   progress=False)
+    assert done.features == [0, 1, 2, 3] and Path(done.index).exists()
+    meta = json.loads((tmp_path / "site" / "site.json").read_text())
+    assert meta["hook"] == IN_HOOK
+    pf = prompt_features(gemma, tc, "The Eiffel Tower is in Paris", k=3)
+    assert pf.hook == IN_HOOK and pf.acts.shape[-1] == 512 and any(t.features for t in pf.tokens)
+    att = attribute(gemma, tc, "The Eiffel Tower is in", " Paris")
+    assert att.hook == IN_HOOK and att.patching.shape == att.acts.shape and torch.isfinite(att.patching).all()
