@@ -53,6 +53,7 @@ def main() -> None:
             codes = sae.encode(x)
             recon = sae.decode(codes)
             out = sae(x)
+            out = out[0] if isinstance(out, tuple) else out  # some SAELens transcoders return (output, codes)
         save_file({"codes": codes.contiguous(), "recon": recon.contiguous(), "forward": out.contiguous()}, job["out"])
         print(json.dumps({"name": job["name"], "class": type(sae).__name__, "architecture": sae.cfg.architecture(),
                           "apply_b_dec_to_input": sae.cfg.apply_b_dec_to_input,

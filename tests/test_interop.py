@@ -130,8 +130,11 @@ def test_gemma_scope_bad_inputs_name_the_problem(tmp_path):
     (tc / "config.json").write_text(json.dumps({"architecture": "jump_relu",
                                                 "hf_hook_point_in": f"{layer}.pre_feedforward_layernorm.output",
                                                 "hf_hook_point_out": f"{layer}.post_feedforward_layernorm.output"}))
-    with pytest.raises(ScopeError, match="transcoder"):
-        load_gemma_scope(tc)
+    assert load_gemma_scope(tc).kind == "transcoder"  # loads as one (tests/test_transcoders.py checks the maths)
+    clt = tmp_path / "gemma-scope-2-270m-pt" / "clt" / "layer_3_width_16k_l0_small"
+    shutil.copytree(tc, clt)
+    with pytest.raises(ScopeError, match="cross-layer transcoder"):
+        load_gemma_scope(clt)
     with pytest.raises(ScopeError, match="neither an existing path nor a hub reference"):
         load_gemma_scope("google/gemma-scope-2b-pt-res")
     with pytest.raises(ScopeError, match="not a dictionary"):

@@ -102,6 +102,7 @@ def test_jumprelu_auxk_reconstructs_the_residual_from_dead_latents_only(sparse):
     (parts.loss - without.loss).backward()
     moved = d.W_dec.grad.abs().sum(1) > 0
     assert moved.any() and not moved[~dead].any(), "only dead latents' decoder columns learn from AuxK"
+    assert d.b_dec.grad is None or not d.b_dec.grad.any(), "AuxK leaves b_dec alone (a shift moves every latent)"
 
 
 def _prefix_losses_by_hand(d, x: torch.Tensor, codes: torch.Tensor, widths: list[int]) -> torch.Tensor:
@@ -191,10 +192,10 @@ def test_a_run_of_two_and_a_half_epochs_sees_every_row_two_or_three_times(tmp_pa
                                                       "buffer_rows": 512},
                             "dictionaries": [{"kind": "topk", "d_sae": 16, "k": 2}]})
     key = {tuple(r.tolist()): 0 for r in data["x"][:, :2]}
-    stream = training_batches(view, cfg, "x", median=1.0)
+    stream = training_batches(view, cfg, ["x"], median=1.0)
     first_epoch = []
     for step in range(steps):
-        x = next(stream)
+        (x,) = next(stream)
         assert x.shape[0] == batch, "every batch is full, across epoch boundaries too"
         for r in x[:, :2].tolist():
             key[tuple(r)] += 1
@@ -203,8 +204,8 @@ def test_a_run_of_two_and_a_half_epochs_sees_every_row_two_or_three_times(tmp_pa
     counts = torch.tensor([c for c in key.values() if c])
     assert len(counts) == train_rows, "every training row was seen"
     assert set(counts.tolist()) <= {2, 3} and (counts == 3).sum() == steps * batch - 2 * train_rows
-    again = training_batches(view, cfg, "x", median=1.0)
-    assert all(torch.equal(next(again), x) for x in first_epoch), "the order is fixed by the seed"
+    again = training_batches(view, cfg, ["x"], median=1.0)
+    assert all(torch.equal(next(again)[0], x) for x in first_epoch), "the order is fixed by the seed"
 
 
 # --- on the real model ------------------------------------------------------------------------------------

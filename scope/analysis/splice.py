@@ -13,6 +13,10 @@ edited. Gradients (attribution) reach the features through the decoder, and in t
 activation below the hook gets the gradient the clean model would give it (the error path is the
 identity), so several spliced dictionaries do not see each other's reconstructions.
 
+A transcoder (dictionaries/transcoder.py) is spliced at two hooks: its features are read at its input hook
+(whose activation is left alone) and its output ŷ = decode(codes) + skip(x_in) replaces the activation of its
+output hook (with ``error_term``, y + decode(edited) − decode(codes)); ``sp.acts`` is keyed by the input hook.
+
 Position 0 (BOS in an unpadded or right-padded batch) keeps its activation unless ``splice_bos``:
 stores leave BOS out, so a dictionary has never seen its very large activation. Feature positions
 are absolute (BOS is 0); a negative position counts from the end of the prompt.
@@ -111,29 +115,39 @@ def scale(features: int | Sequence[int], factor: float, positions: int | Sequenc
     return _edit(features, "scale", factor, positions, hook)
 
 
-def check_width(flat: torch.Tensor, sae: Dictionary, hook: Any, name: str | None = None) -> None:
-    """A hook tensor ``[batch, pos, width]`` must be as wide as the dictionary's input."""
-    if flat.shape[-1] != sae.cfg.d_in:
+def check_width(flat: torch.Tensor, sae: Dictionary, hook: Any, name: str | None = None, output: bool = False) -> None:
+    """A hook tensor ``[batch, pos, width]`` must be as wide as the dictionary's input (``output``: its output)."""
+    width = sae.W_dec.shape[1] if output else sae.cfg.d_in
+    if flat.shape[-1] != width:
         # ``name`` is the hook as the user spelled it; the bridge's own name may be an alias (blocks.6.hook_out)
-        raise ScopeError(f"hook {name or hook.name} has width {flat.shape[-1]} but the SAE expects {sae.cfg.d_in}")
+        raise ScopeError(f"hook {name or hook.name} has width {flat.shape[-1]} but the "
+                         f"{'dictionary writes' if output else 'SAE expects'} {width}")
 
 
-def splice_hook(sae: Dictionary, *, error_term: bool = False, splice_bos: bool = False,
-                edits: Sequence[FeatureEdit] = (), on_codes: Recorder | None = None, name: str | None = None) -> HookFn:
-    """A forward hook that swaps the activation ``[batch, pos, ...]`` for the dictionary's reconstruction.
+def writes_elsewhere(sae: Dictionary) -> bool:
+    """True for a transcoder: it writes another hook than the one it reads."""
+    return sae.output_hook is not None and sae.output_hook != sae.cfg.hook
 
-    ``on_codes(codes, x, first)`` sees the feature activations (before any edit), the flattened
-    input and the absolute position of the call's first row.
-    """
-    positions = PositionCounter()
-    prompt_len = [1]
 
-    def hook_fn(x: torch.Tensor, *, hook: Any) -> torch.Tensor:
-        flat = x.reshape(*x.shape[:2], -1)
+@dataclass
+class _Read:
+    """What reading a dictionary's features off one call of its input hook gives its write."""
+
+    xin: torch.Tensor  # the input activation [batch, pos, d_in], in the dictionary's dtype
+    norms: torch.Tensor | None
+    codes: torch.Tensor
+    first: int  # absolute position of the call's first row
+
+
+def _reader(sae: Dictionary, error_term: bool, on_codes: Recorder | None, name: str | None,
+            positions: PositionCounter, prompt_len: list[int]) -> Callable[[torch.Tensor, Any], _Read]:
+    """Features of one call's activation ``flat [batch, pos, d_in]``, reported to ``on_codes``."""
+
+    def read(flat: torch.Tensor, hook: Any) -> _Read:
         check_width(flat, sae, hook, name)
-        first = positions.advance(x.shape[1])
+        first = positions.advance(flat.shape[1])
         if first == 0:
-            prompt_len[0] = x.shape[1]
+            prompt_len[0] = flat.shape[1]
         xin = flat.to(sae.W_enc.dtype)
         u, norms = sae.prepare(xin.detach() if error_term else xin)
         codes = sae.encode_prepared(u)
@@ -143,21 +157,75 @@ def splice_hook(sae: Dictionary, *, error_term: bool = False, splice_bos: bool =
             codes.requires_grad_()  # so attribution can ask for ∂metric/∂codes
         if on_codes is not None:
             on_codes(codes, flat, first)
-        edited = codes
+        return _Read(xin, norms, codes, first)
+
+    return read
+
+
+def _writer(sae: Dictionary, error_term: bool, splice_bos: bool, edits: Sequence[FeatureEdit],
+            prompt_len: list[int]) -> Callable[[torch.Tensor, _Read], torch.Tensor]:
+    """The activation ``flat [batch, pos, width]`` of the written hook replaced by the (edited) reconstruction."""
+
+    def write(flat: torch.Tensor, r: _Read) -> torch.Tensor:
+        edited = r.codes
         for e in edits:
-            edited = e.apply(edited, first, prompt_len[0])
+            edited = e.apply(edited, r.first, prompt_len[0])
+        own = flat.to(sae.W_enc.dtype)
         if not error_term:
-            new = sae.decode(edited, norms)
-        elif edited is codes and not codes.requires_grad:
-            new = xin  # nothing edited and no gradient wanted: the activation as it is
+            new = sae.decode_with_input(edited, r.xin, r.norms)
+        elif edited is r.codes and not r.codes.requires_grad:
+            new = own  # nothing edited and no gradient wanted: the activation as it is
         else:
-            new = xin + (sae.decode(edited, norms) - sae.decode(codes, norms).detach())
-        new = new.to(x.dtype)
-        if not splice_bos and first == 0:
+            new = own + (sae.decode(edited, r.norms) - sae.decode(r.codes, r.norms).detach())
+        new = new.to(flat.dtype)
+        if not splice_bos and r.first == 0:
             new = torch.cat([flat[:, :1], new[:, 1:]], dim=1)
-        return new.reshape(x.shape)
+        return new
+
+    return write
+
+
+def splice_hook(sae: Dictionary, *, error_term: bool = False, splice_bos: bool = False,
+                edits: Sequence[FeatureEdit] = (), on_codes: Recorder | None = None, name: str | None = None) -> HookFn:
+    """A forward hook that swaps the activation ``[batch, pos, ...]`` for the dictionary's reconstruction.
+
+    ``on_codes(codes, x, first)`` sees the feature activations (before any edit), the flattened
+    input and the absolute position of the call's first row.
+    """
+    prompt_len = [1]
+    read = _reader(sae, error_term, on_codes, name, PositionCounter(), prompt_len)
+    write = _writer(sae, error_term, splice_bos, edits, prompt_len)
+
+    def hook_fn(x: torch.Tensor, *, hook: Any) -> torch.Tensor:
+        flat = x.reshape(*x.shape[:2], -1)
+        return write(flat, read(flat, hook)).reshape(x.shape)
 
     return hook_fn
+
+
+def transcoder_hooks(sae: Dictionary, *, error_term: bool = False, splice_bos: bool = False,
+                     edits: Sequence[FeatureEdit] = (), on_codes: Recorder | None = None,
+                     name: str | None = None) -> list[tuple[str, HookFn]]:
+    """The two forward hooks of a transcoder: read its features at ``sae.cfg.hook`` (leaving that activation
+    alone), write its output at ``sae.output_hook``. The read of each forward serves the write after it."""
+    prompt_len = [1]
+    read = _reader(sae, error_term, on_codes, name, PositionCounter(), prompt_len)
+    write = _writer(sae, error_term, splice_bos, edits, prompt_len)
+    last: list[_Read] = []
+
+    def read_fn(x: torch.Tensor, *, hook: Any) -> torch.Tensor:
+        last[:] = [read(x.reshape(*x.shape[:2], -1), hook)]
+        return x
+
+    def write_fn(y: torch.Tensor, *, hook: Any) -> torch.Tensor:
+        if not last:
+            raise ScopeError(f"the transcoder's output hook {sae.output_hook} fired before its input hook "
+                             f"{sae.cfg.hook}; a transcoder must read a site that comes before the one it writes")
+        flat = y.reshape(*y.shape[:2], -1)
+        check_width(flat, sae, hook, sae.output_hook, output=True)
+        return write(flat, last.pop()).reshape(y.shape)
+
+    return [(sae.cfg.hook if name is None else name, read_fn), (sae.output_hook, write_fn)]
 
 
 def as_hook_map(saes: SAEs) -> dict[str, Dictionary]:
@@ -218,11 +286,14 @@ class Splice:
         return record
 
     def hooks(self, record: bool = True) -> list[tuple[str, HookFn]]:
-        """The bridge forward hooks, one per dictionary."""
-        return [(h, splice_hook(sae, error_term=self.error_term, splice_bos=self.splice_bos,
-                                edits=[e for e in self.edits if e.hook == h],
-                                on_codes=self._recorder(h) if record else None, name=h))
-                for h, sae in self.saes.items()]
+        """The bridge forward hooks: one per dictionary, two per transcoder (read and write)."""
+        out: list[tuple[str, HookFn]] = []
+        for h, sae in self.saes.items():
+            kw = dict(error_term=self.error_term, splice_bos=self.splice_bos,
+                      edits=[e for e in self.edits if e.hook == h], on_codes=self._recorder(h) if record else None,
+                      name=h)
+            out += transcoder_hooks(sae, **kw) if writes_elsewhere(sae) else [(h, splice_hook(sae, **kw))]
+        return out
 
 
 def _route(edits: Sequence[FeatureEdit], saes: dict[str, Dictionary]) -> list[FeatureEdit]:
@@ -251,7 +322,8 @@ def spliced(model: LoadedModel, saes: SAEs, *, error_term: bool = False, edits: 
     moved, in place, to the model's device.
     """
     found = as_hook_map(saes)
-    check_hooks(model, list(found))
+    written = [s.output_hook for s in found.values() if writes_elsewhere(s)]
+    check_hooks(model, list(dict.fromkeys([*found, *written])))
     for hook, sae in found.items():
         if is_pairwise(hook):
             raise ScopeError(f"hook {hook} holds attention patterns [batch, head, query, key]; a dictionary "

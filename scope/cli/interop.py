@@ -20,20 +20,21 @@ export_app = typer.Typer(help="Write scope dictionaries in other tools' layouts.
 @import_app.command("gemma-scope")
 @friendly
 def import_gemma_scope(
-    source: Annotated[str, typer.Argument(help="params.npz, a Gemma Scope 2 folder, or a hub repo such as google/gemma-scope-2b-pt-res.")],
-    path_in_repo: Annotated[Optional[str], typer.Argument(help="With a hub repo: e.g. layer_20/width_16k/average_l0_71/params.npz.")] = None,
+    source: Annotated[str, typer.Argument(help="params.npz, a Gemma Scope 2 folder, a local copy of a release, or a hub repo such as google/gemma-scope-2b-pt-res.")],
+    path_in_repo: Annotated[Optional[str], typer.Argument(help="With a hub repo or a local folder: the SAE inside it, e.g. layer_20/width_16k/average_l0_71 or resid_post/layer_6_width_16k_l0_small.")] = None,
     out: Annotated[str, typer.Option(help="scope dictionary folder to write.")] = "",
     revision: Annotated[Optional[str], typer.Option()] = None,
     hook: Annotated[Optional[str], typer.Option(help="Hook the SAE reads, when it cannot be inferred.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Model the SAE belongs to, when it cannot be inferred.")] = None,
+    output_hook: Annotated[Optional[str], typer.Option(help="Transcoders: the hook written, when it cannot be inferred.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Import a Gemma Scope (or Gemma Scope 2) JumpReLU SAE."""
+    """Import a Gemma Scope (or Gemma Scope 2) JumpReLU SAE or Gemma Scope 2 transcoder."""
     from scope.dictionaries.interop import load_gemma_scope
 
     if not out:
         raise ScopeError("--out is required: the folder to write the scope dictionary to")
-    sae = load_gemma_scope(source, path_in_repo, revision=revision, hook=hook, model=model)
+    sae = load_gemma_scope(source, path_in_repo, revision=revision, hook=hook, model=model, output_hook=output_hook)
     _saved(sae, sae.save(out), as_json)
 
 
@@ -60,7 +61,7 @@ def export_saelens(sae: str, out: str, as_json: JsonOpt = False) -> None:
 
 def _saved(sae, path, as_json: bool) -> None:
     info = {"path": str(path), "kind": sae.kind, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "hook": sae.cfg.hook,
-            "model": sae.cfg.model}
+            "model": sae.cfg.model, **({"output_hook": sae.output_hook} if sae.kind == "transcoder" else {})}
     emit(info, as_json, f"wrote {sae.kind} dictionary {sae.cfg.d_in}x{sae.cfg.d_sae} (hook {sae.cfg.hook}) to {path}")
 
 

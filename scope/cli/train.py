@@ -92,7 +92,10 @@ def eval_(
              "(globs such as 'wiki:*'; repeat for more).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """L0, FVU, cosine, dead/dense latents and spliced-in LM loss of SAEs on a store's held-out documents."""
+    """L0, FVU, cosine, dead/dense latents and spliced-in LM loss of SAEs on a store's held-out documents.
+
+    A transcoder is scored on the hook it writes (the store needs both of its hooks) and spliced in there;
+    the zero-ablated baseline zeroes that hook (for an MLP transcoder: the MLP ablated)."""
     from scope.dictionaries.interop import load_any
     from scope.evals import evaluate_many, load_store_model, write_frontier
     from scope.models import default_device
@@ -126,11 +129,11 @@ def eval_(
 
 
 def _eval_table(out: dict) -> str:
-    head = f"{'sae':<24} {'kind':<9} {'d_sae':>7} {'L0':>8} {'FVU':>7} {'cos':>6} {'dead':>6} {'dense':>6}"
+    head = f"{'sae':<24} {'kind':<10} {'d_sae':>7} {'L0':>8} {'FVU':>7} {'cos':>6} {'dead':>6} {'dense':>6}"
     head += f" {'CE clean':>8} {'spliced':>8} {'ΔCE':>7} {'rec':>6} {'KL':>7}"
     lines = [f"held-out: {out['documents']} documents, {out['rows']:,} rows of {out['store']}", head]
     for r in out["results"]:
-        line = (f"{r['name'][:24]:<24} {r['kind']:<9} {r['d_sae']:>7} {r['l0']:>8.1f} {r['fvu']:>7.4f} "
+        line = (f"{r['name'][:24]:<24} {r['kind']:<10} {r['d_sae']:>7} {r['l0']:>8.1f} {r['fvu']:>7.4f} "
                 f"{r['cosine']:>6.3f} {r['dead_fraction']:>6.1%} {r['dense_fraction']:>6.1%}")
         lm = r["lm"]
         if lm:

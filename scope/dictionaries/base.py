@@ -4,7 +4,9 @@ Parameters follow the layout Gemma Scope and SAELens use, so interop is a rename
 ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``.
 A dictionary carries one fixed ``input_scale`` c: it codes c·x and decodes back to 1/c units, so
 training sees inputs with E‖c·x‖² = 1 while the saved weights work on raw activations
-(:meth:`Dictionary.fold_input_scale` moves c into the weights; the outputs do not change).
+(:meth:`Dictionary.fold_input_scale` moves c into the weights; the outputs do not change). A dictionary
+that writes another site than it reads (a transcoder, transcoder.py) decodes to ``d_out`` and back by its
+own :meth:`Dictionary.reconstruction_scale` instead of c.
 """
 
 from __future__ import annotations
@@ -50,17 +52,17 @@ class Dictionary(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.kind:
+        if cls.__dict__.get("kind"):  # a kind's own subclasses (transcoder activations) do not re-register it
             REGISTRY[cls.kind] = cls
 
     def __init__(self, cfg: DictionaryConfig):
         super().__init__()
         self.cfg = cfg
-        d, m = cfg.d_in, cfg.d_sae
+        d, m, out = cfg.d_in, cfg.d_sae, self.output_width(cfg)
         self.W_enc = nn.Parameter(torch.empty(d, m))
         self.b_enc = nn.Parameter(torch.zeros(m))
-        self.W_dec = nn.Parameter(torch.empty(m, d))
-        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.W_dec = nn.Parameter(torch.empty(m, out))
+        self.b_dec = nn.Parameter(torch.zeros(out))
         self.register_buffer("input_scale", torch.ones(()))
         self.whitening = Whitening(d, cfg.whitening.unit_norm) if cfg.whitening is not None else None
         self.reset_parameters()
@@ -72,6 +74,20 @@ class Dictionary(nn.Module):
             w = torch.randn(self.W_dec.shape, generator=g)
             self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
             self.W_enc.copy_(self.W_dec.T)
+
+    @staticmethod
+    def output_width(cfg: DictionaryConfig) -> int:
+        """Width of the reconstruction: an SAE reconstructs its input."""
+        return cfg.d_in
+
+    def reconstruction_scale(self) -> torch.Tensor:
+        """The factor that takes the reconstructed site into training units (an SAE's is its input scale)."""
+        return self.input_scale
+
+    @property
+    def output_hook(self) -> str | None:
+        """The hook the reconstruction is written to: an SAE writes the hook it reads."""
+        return self.cfg.hook
 
     # --- the two maps ----------------------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +116,7 @@ class Dictionary(nn.Module):
 
     def decode_prepared(self, codes: torch.Tensor) -> torch.Tensor:
         """Reconstruction in the dictionary's input space (before undoing any whitening)."""
-        return (codes @ self.W_dec + self.b_dec) / self.input_scale
+        return (codes @ self.W_dec + self.b_dec) / self.reconstruction_scale()
 
     def prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw activations -> the space the dictionary codes (whitened, unit norm) and each row's norm."""
@@ -121,11 +137,17 @@ class Dictionary(nn.Module):
         y = self.decode_prepared(codes)
         return y if self.whitening is None else self.whitening.inverse(y, norms)
 
+    def decode_with_input(self, codes: torch.Tensor, x: torch.Tensor,
+                          norms: torch.Tensor | None = None) -> torch.Tensor:
+        """The reconstruction of codes whose input ``x`` is known: :meth:`decode` for an SAE (a transcoder adds
+        its skip connection's part, which depends on x)."""
+        return self.decode(codes, norms)
+
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, reconstruction) of raw inputs; exact through any whitening."""
         u, norms = self.prepare(x)
         codes = self.encode_prepared(u)
-        return codes, self.decode(codes, norms)
+        return codes, self.decode_with_input(codes, x, norms)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reconstruct(x)[1]
@@ -156,11 +178,17 @@ class Dictionary(nn.Module):
     @torch.no_grad()
     def fold_input_scale(self) -> None:
         """Move ``input_scale`` c into the weights: W_enc·c, W_dec/c, b_dec/c; outputs are unchanged."""
-        c = self.input_scale.clone()
-        self.W_enc.mul_(c)
-        self.W_dec.div_(c)
-        self.b_dec.div_(c)
-        self.input_scale.fill_(1.0)
+        sd = {k: v.clone() for k, v in self.state_dict().items()}
+        self.load_state_dict(self.folded(sd))
+
+    def folded(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A state dict with its scales moved into the weights: W_enc·c_in, W_dec/c_out, b_dec/c_out, where
+        c_out is the reconstruction's scale (the input scale c_in for an SAE); the outputs are unchanged."""
+        c_in = sd["input_scale"].clone()
+        c_out = sd.get("output_scale", c_in).clone()
+        sd["W_enc"], sd["W_dec"], sd["b_dec"] = sd["W_enc"] * c_in, sd["W_dec"] / c_out, sd["b_dec"] / c_out
+        sd["input_scale"] = torch.ones(())
+        return sd
 
     # --- files -----------------------------------------------------------------------------
     def save(self, folder: str | Path, fold: bool = True) -> Path:
@@ -178,11 +206,7 @@ class Dictionary(nn.Module):
     def saved_tensors(self, fold: bool = True) -> dict[str, torch.Tensor]:
         """The CPU tensors :meth:`save` writes (input scale folded when ``fold``); exporters reuse it."""
         sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        if fold:
-            c = sd["input_scale"].clone()
-            sd["W_enc"], sd["W_dec"], sd["b_dec"] = sd["W_enc"] * c, sd["W_dec"] / c, sd["b_dec"] / c
-            sd["input_scale"] = torch.ones(())
-        return self.export_state(sd)
+        return self.export_state(self.folded(sd) if fold else sd)
 
     def export_state(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hook for kinds whose saved tensors differ from their parameters (e.g. log-threshold)."""

@@ -179,9 +179,17 @@ class JumpReLU(Dictionary):
         gap = torch.relu(self.threshold[idx].to(z.dtype) - z) * self.W_dec[idx].norm(dim=1)
         return self.cfg.pre_act_coeff * gap.sum(-1).mean()
 
+    def _aux_on(self, dead: torch.Tensor | None) -> bool:
+        return dead is not None and self.cfg.aux_coeff > 0 and bool(dead.any())
+
     def _aux(self, pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor | None, gather=None) -> torch.Tensor | None:
-        """The AuxK loss over ``dead`` latents, when ``aux_coeff`` is set and the trainer has a dead mask."""
-        if dead is None or self.cfg.aux_coeff == 0:
+        """The AuxK loss over ``dead`` latents, when ``aux_coeff`` is set and the trainer has a dead mask.
+
+        ``pre`` must carry no gradient into b_dec (as for the pre-activation loss): a TopK SAE keeps k latents
+        active whatever b_dec does, but a JumpReLU's θ are fixed against a shift of every pre-activation, and
+        in the 10M study an AuxK gradient through b_dec took a JumpReLU from L0 62 to L0 5 within 60 steps.
+        """
+        if not self._aux_on(dead):
             return None
         return aux_loss(pre, err, dead, self.cfg.aux_k or self.cfg.d_in // 2, self.W_dec, gather)
 
@@ -189,14 +197,16 @@ class JumpReLU(Dictionary):
         return pre * (pre > self.threshold.to(pre.dtype))
 
     def loss(self, x: torch.Tensor, sparsity_coeff: float, sparse: bool = True,
-             dead: torch.Tensor | None = None) -> LossParts:
+             dead: torch.Tensor | None = None, target: torch.Tensor | None = None) -> LossParts:
         """‖x − x̂‖² + λ‖f‖₀ in normalised units, averaged over the batch (sparse kernels by default).
 
         ``dead`` ([d_sae] bool, from the trainer's firing record) switches on the pre-activation loss
-        and the AuxK loss for those latents when ``pre_act_coeff`` or ``aux_coeff`` is set.
+        and the AuxK loss for those latents when ``pre_act_coeff`` or ``aux_coeff`` is set. ``target`` (in
+        training units) replaces the scaled input as what the decoder reconstructs: a transcoder's output site
+        (transcoder.py).
         """
         if not sparse:
-            return self._dense_loss(x, sparsity_coeff, dead)
+            return self._dense_loss(x, sparsity_coeff, dead, target)
         eps = self.cfg.bandwidth
         xs, shift, xin, pre = self.gathered_inputs(x)
         theta = self.threshold.float()
@@ -205,29 +215,32 @@ class JumpReLU(Dictionary):
             # (z > θ) or |z − θ| ≤ ε/2  is  z ≥ θ − ε/2, one pass over the array.
             rows, cols = pairs(pre >= theta - eps / 2)
         if rows.numel() > DENSE_ABOVE * pre.numel():  # early in training: dense products are cheaper
-            return self._dense_loss(x, sparsity_coeff, dead)
+            return self._dense_loss(x, sparsity_coeff, dead, target)
         z = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, rows, cols, shift)
         th = theta[cols]
         f = JumpReLUFn.apply(z, th, eps)
-        rec = sparse_reconstruction(xs, f, self.W_dec, self.b_dec, rows, cols, self.prefix_ends)
+        rec = sparse_reconstruction(xs if target is None else target, f, self.W_dec, self.b_dec, rows, cols,
+                                    self.prefix_ends)
         sparsity, freq = self._sparsity(f, z, th, self.W_dec.norm(dim=1)[cols], x.shape[0], cols)
         active = z.detach() > th
         counts = torch.bincount(cols[active], minlength=self.cfg.d_sae)
+        # No shift: AuxK must not move b_dec (see _aux).
         aux = self._aux(pre, rec.err, dead,
-                        lambda r, c: (GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, r, c, shift), r, c))
+                        lambda r, c: (GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, r, c, None), r, c))
         loss = rec.loss + sparsity_coeff * sparsity + freq + self._pre_act(xin, dead)
         return LossParts(loss=loss if aux is None else loss + self.cfg.aux_coeff * aux, mse=rec.mse,
                          l0=active.sum() / x.shape[0], counts=counts, aux=aux)
 
-    def _dense_loss(self, x: torch.Tensor, sparsity_coeff: float, dead: torch.Tensor | None = None) -> LossParts:
+    def _dense_loss(self, x: torch.Tensor, sparsity_coeff: float, dead: torch.Tensor | None = None,
+                    target: torch.Tensor | None = None) -> LossParts:
         xs = x.to(self.W_enc.dtype) * self.input_scale
         xin = xs - self.b_dec if self.cfg.apply_b_dec_to_input else xs
         pre = xin @ self.W_enc + self.b_enc
         theta = self.threshold.float().to(pre.dtype)
         f = JumpReLUFn.apply(pre, theta, self.cfg.bandwidth)
-        rec = dense_reconstruction(xs, f, self.W_dec, self.b_dec, self.prefix_ends)
+        rec = dense_reconstruction(xs if target is None else target, f, self.W_dec, self.b_dec, self.prefix_ends)
         sparsity, freq = self._sparsity(f, pre, theta, self.W_dec.norm(dim=1), x.shape[0])
-        aux = self._aux(pre, rec.err, dead)
+        aux = self._aux(xin.detach() @ self.W_enc + self.b_enc if self._aux_on(dead) else pre, rec.err, dead)
         loss = rec.loss + sparsity_coeff * sparsity + freq + self._pre_act(xin, dead)
         return LossParts(loss=loss if aux is None else loss + self.cfg.aux_coeff * aux, mse=rec.mse,
                          l0=(f != 0).sum(-1).float().mean(), counts=(f != 0).sum(0), aux=aux, codes=f.detach())

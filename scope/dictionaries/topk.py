@@ -15,13 +15,12 @@ it is at inference, as SAELens saves its (Matryoshka) BatchTopK SAEs.
 from __future__ import annotations
 
 from statistics import NormalDist
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
 from scope.dictionaries.auxk import Gather, aux_loss
-from scope.dictionaries.base import Dictionary, DictionaryConfig
-from scope.dictionaries.jumprelu import JumpReLU, JumpReLUConfig
+from scope.dictionaries.base import Dictionary, DictionaryConfig, build
 from scope.dictionaries.losses import LossParts
 from scope.dictionaries.matryoshka import dense_reconstruction, prefix_ends, sparse_reconstruction
 from scope.dictionaries.sparse import GatheredPre, pairs
@@ -65,6 +64,8 @@ def batch_top_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
 class TopK(Dictionary):
     kind = "topk"
     Config = TopKConfig
+    jumprelu_keeps: ClassVar[set[str]] = {"matryoshka_widths"}  # config fields the inference form keeps
+    jumprelu_form: ClassVar[dict[str, str]] = {"kind": "jumprelu"}  # and what it is instead
 
     def __init__(self, cfg: TopKConfig):
         super().__init__(cfg)
@@ -106,15 +107,17 @@ class TopK(Dictionary):
         rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
         return rows[keep], idx.reshape(-1)[keep]
 
-    def loss(self, x: torch.Tensor, sparsity_coeff: float = 0.0, sparse: bool = True) -> LossParts:
-        """‖x − x̂‖² plus the AuxK loss; sparsity is set by k, so the coefficient is unused."""
+    def loss(self, x: torch.Tensor, sparsity_coeff: float = 0.0, sparse: bool = True,
+             target: torch.Tensor | None = None) -> LossParts:
+        """‖x − x̂‖² plus the AuxK loss; sparsity is set by k, so the coefficient is unused. ``target`` (in
+        training units) replaces the scaled input as what the decoder reconstructs (a transcoder's output)."""
         if not sparse:
-            return self._dense_loss(x)
+            return self._dense_loss(x, target)
         xs, shift, xin, pre = self.gathered_inputs(x)
         with torch.no_grad():
             rows, cols = self._selected_pairs(pre)
         f = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, rows, cols, shift)
-        rec = sparse_reconstruction(xs, f, self.W_dec, self.b_dec, rows, cols, self.prefix_ends)
+        rec = sparse_reconstruction(xs if target is None else target, f, self.W_dec, self.b_dec, rows, cols, self.prefix_ends)
         counts = torch.bincount(cols, minlength=self.cfg.d_sae)
         self._track(counts > 0, x.shape[0], f.detach())
         aux = self._aux_loss(pre, rec.err,
@@ -122,10 +125,10 @@ class TopK(Dictionary):
         total = rec.loss if aux is None else rec.loss + self.cfg.aux_coeff * aux
         return LossParts(loss=total, mse=rec.mse, l0=torch.tensor(len(rows) / x.shape[0]), counts=counts, aux=aux)
 
-    def _dense_loss(self, x: torch.Tensor) -> LossParts:
+    def _dense_loss(self, x: torch.Tensor, target: torch.Tensor | None = None) -> LossParts:
         pre = self.pre_acts(x)
         f = self._select(pre, training=True)
-        rec = dense_reconstruction(x.to(pre.dtype) * self.input_scale, f, self.W_dec, self.b_dec, self.prefix_ends)
+        rec = dense_reconstruction(x.to(pre.dtype) * self.input_scale if target is None else target, f, self.W_dec, self.b_dec, self.prefix_ends)
         counts = (f > 0).sum(0)
         self._track(counts > 0, x.shape[0], f[f > 0].detach())
         aux = self._aux_loss(pre, rec.err)
@@ -138,8 +141,8 @@ class TopK(Dictionary):
         """The JumpReLU SAE that gives this BatchTopK SAE's inference codes: every θᵢ = the batch threshold."""
         if self.cfg.selection != "batch":
             raise ValueError(f"only a BatchTopK SAE infers with one threshold; this one selects {self.cfg.selection!r}")
-        keep = self.cfg.model_dump(include=set(DictionaryConfig.model_fields) | {"matryoshka_widths"})
-        jr = JumpReLU(JumpReLUConfig(**{**keep, "kind": "jumprelu"}))
+        keep = self.cfg.model_dump(include=set(DictionaryConfig.model_fields) | self.jumprelu_keeps)
+        jr = build({**keep, **self.jumprelu_form})
         state = {k: v for k, v in self.state_dict().items() if k not in ("threshold", "tokens_since_fired")}
         jr.load_state_dict({**state, "threshold": self.threshold.float().expand(self.cfg.d_sae).clone()})
         return jr.to(self.W_enc.device)

@@ -56,6 +56,8 @@ def evaluate_many(
         recon = reconstruction_metrics(sae, store, hook=hook, max_rows=max_rows, batch_size=batch_size,
                                        device=device, dense_threshold=dense_threshold)
         outs[name] = {"name": name, "kind": sae.cfg.kind, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
+                      **({"d_out": sae.cfg.d_out, "output_hook": sae.output_hook, "skip": sae.cfg.skip,
+                          "activation": sae.cfg.activation} if sae.cfg.kind == "transcoder" else {}),
                       "store": store.url, "documents": len(store.documents),
                       **recon.to_dict(frequencies=frequencies), "lm": None}
     if lm_tokens == 0 or not saes:

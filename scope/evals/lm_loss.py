@@ -6,7 +6,9 @@ From the next-token cross-entropies come delta loss = CE_spliced − CE_clean an
 CE loss recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean), plus the mean per-token
 KL(clean ‖ spliced). Position 0 (BOS) is left unchanged by default: stores exclude BOS, so the
 dictionary never saw it, and its huge norm would dominate the error. The spliced run is
-:func:`scope.analysis.splice.spliced`, the splice a notebook uses for feature analysis.
+:func:`scope.analysis.splice.spliced`, the splice a notebook uses for feature analysis. A transcoder's
+output replaces the activation of the hook it writes (for an MLP transcoder: the MLP's output, with the
+MLP's input left alone), and the zero-ablated run zeroes that hook: the MLP ablated.
 
 Sources: Lieberum et al. 2024, "Gemma Scope" (arXiv 2408.05147): delta loss, the increase in
 next-token loss when the SAE's reconstruction replaces the activation, as the fidelity measure;
@@ -24,7 +26,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from scope.analysis.splice import check_width, splice_hook, spliced
+from scope.analysis.splice import check_width, splice_hook, spliced, writes_elsewhere
 from scope.data import Window, pad_token_id
 from scope.dictionaries.base import Dictionary
 from scope.errors import ScopeError
@@ -51,6 +53,7 @@ class LMLossMetrics:
     ce_loss_recovered: float  # (zero − spliced) / (zero − clean)
     kl: float  # mean over predicted positions of KL(p_clean ‖ p_spliced)
     splice_bos: bool
+    output_hook: str | None = None  # the hook replaced and zero-ablated, where it differs from ``hook`` (transcoders)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,13 +66,18 @@ def _replacement(sae: Dictionary, mode: Mode, splice_bos: bool) -> Callable[...,
 
     def hook_fn(x: torch.Tensor, *, hook: Any) -> torch.Tensor:
         flat = x.reshape(*x.shape[:2], -1)
-        check_width(flat, sae, hook)
+        check_width(flat, sae, hook, output=writes_elsewhere(sae))
         new = torch.zeros_like(flat)
         if not splice_bos:
             new[:, 0] = flat[:, 0]
         return new.reshape(x.shape)
 
     return hook_fn
+
+
+def written_hook(sae: Dictionary, hook: str) -> str:
+    """The hook a dictionary read at ``hook`` replaces: a transcoder's output hook, else ``hook`` itself."""
+    return sae.output_hook if writes_elsewhere(sae) else hook
 
 
 def _log_probs(model: LoadedModel, toks: torch.Tensor, mask: torch.Tensor,
@@ -114,7 +122,6 @@ def lm_losses_on_windows(
     runs at a time (``2 · batch · context · vocab`` floats; 262,144 vocab ⇒ 2 MiB per position),
     whatever the number of windows. The SAEs are moved (in place) to the model's device.
     """
-    check_hooks(model, [hook])
     if batch_size <= 0:
         raise ScopeError(f"batch size must be positive, got {batch_size}")
     if not windows:
@@ -122,10 +129,16 @@ def lm_losses_on_windows(
     if not saes:
         raise ScopeError("no dictionaries to evaluate the language-model loss of")
     first = next(iter(saes.values()))
+    written = {written_hook(s, hook) for s in saes.values()}
+    if len(written) != 1:
+        raise ScopeError(f"dictionaries read at {hook} but write different hooks {sorted(written)}; evaluate the "
+                         "SAEs and the transcoders of a hook in separate calls")
+    out_hook = written.pop()
+    check_hooks(model, list(dict.fromkeys([hook, out_hook])))
     for sae in saes.values():
         sae.to(model.device)
     pad_id = pad_token_id(model.tokenizer)
-    zero = [(hook, _replacement(first, "zero", splice_bos))]
+    zero = [(out_hook, _replacement(first, "zero", splice_bos))]
     n = clean = zeroed = 0.0
     spliced_nll = dict.fromkeys(saes, 0.0)
     kl = dict.fromkeys(saes, 0.0)
@@ -155,7 +168,8 @@ def lm_losses_on_windows(
         hook=hook, windows=len(windows), tokens=int(n), clean_ce=ce_c, spliced_ce=spliced_nll[name] / n,
         zero_ce=ce_z, delta_loss=spliced_nll[name] / n - ce_c,
         ce_loss_recovered=(ce_z - spliced_nll[name] / n) / (ce_z - ce_c) if ce_z != ce_c else float("nan"),
-        kl=kl[name] / n, splice_bos=splice_bos) for name in saes}
+        kl=kl[name] / n, splice_bos=splice_bos, output_hook=None if out_hook == hook else out_hook)
+        for name in saes}
 
 
 def lm_loss_on_windows(sae: Dictionary, model: LoadedModel, windows: Sequence[Window], hook: str,
@@ -181,9 +195,10 @@ def spliced_lm_losses(
     """
     if max_tokens < 2:
         raise ScopeError(f"the language-model loss needs at least 2 tokens, got max_tokens={max_tokens}")
-    by_hook: dict[str, dict[str, Dictionary]] = {}
+    by_hook: dict[tuple[str, str], dict[str, Dictionary]] = {}  # by (hook read, hook written)
     for name, sae in saes.items():
-        by_hook.setdefault(resolve_hook(sae, store, hook), {})[name] = sae
+        h = resolve_hook(sae, store, hook)
+        by_hook.setdefault((h, written_hook(sae, h)), {})[name] = sae
     cfg = store.manifest.config
     if cfg.model != model.spec:
         warnings.warn(f"store {store.url!r} was captured from {cfg.model!r}; evaluating on {model.spec!r}",
@@ -192,7 +207,7 @@ def spliced_lm_losses(
         splice_bos = "bos" not in cfg.excluded
     windows = store_windows(store, model.tokenizer, max_tokens)
     out: dict[str, LMLossMetrics] = {}
-    for h, group in by_hook.items():
+    for (h, _), group in by_hook.items():
         out.update(lm_losses_on_windows(group, model, windows, h, batch_size=batch_size, splice_bos=splice_bos,
                                         progress=progress))
     return {name: out[name] for name in saes}

@@ -4,7 +4,9 @@ L0, fraction of variance unexplained (mean-centred and uncentred), cosine simila
 per-latent firing frequencies (dead and dense latents), as defined in docs/methods/evaluation.md.
 Sources: Gao et al. 2024, "Scaling and evaluating sparse autoencoders" (arXiv 2406.04093): MSE
 normalised by the inputs' variance; Lieberum et al. 2024, "Gemma Scope" (arXiv 2408.05147): L0,
-FVU, and high-frequency latents (firing on more than 10% of tokens) as standard SAE metrics.
+FVU, and high-frequency latents (firing on more than 10% of tokens) as standard SAE metrics. A transcoder
+(dictionaries/transcoder.py) is scored on the site it writes: FVU, cosine and MSE of its output ŷ against the
+output hook's activations, its codes (L0, dead and dense latents) computed from the input hook's.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of rows is "dense", as
 class ReconstructionMetrics:
     """How well a dictionary reconstructs a store's activations, and how its latents fire."""
 
-    hook: str
+    hook: str  # the hook reconstructed (a transcoder's output hook)
     rows: int
     l0: float  # mean number of active latents per row
     fvu: float  # Σ‖x − x̂‖² / Σ‖x − mean(x)‖²
@@ -38,6 +40,7 @@ class ReconstructionMetrics:
     dense_fraction: float
     dense_threshold: float
     firing_frequency: torch.Tensor = field(repr=False)  # [d_sae], fraction of rows each latent fired on
+    input_hook: str | None = None  # the hook the codes are computed from (the same as ``hook`` for an SAE)
 
     def to_dict(self, frequencies: bool = False) -> dict[str, Any]:
         """JSON-ready figures; the per-latent firing frequencies only when asked (d_sae floats)."""
@@ -100,6 +103,21 @@ def resolve_hook(sae: Dictionary, store: ActivationStore, hook: str | None = Non
     return hook
 
 
+def resolve_output_hook(sae: Dictionary, store: ActivationStore, hook: str) -> str:
+    """The hook whose activations the reconstruction is compared with: a transcoder's output hook, which the
+    store must hold; for an SAE, ``hook`` (the one it reads)."""
+    out = sae.output_hook if sae.output_hook != sae.cfg.hook else None
+    if out is None:
+        return hook
+    if out not in store.hooks:
+        raise ScopeError(f"the transcoder writes {out!r}, but store {store.url!r} holds only {sorted(store.hooks)}; "
+                         f"evaluate it on a store captured with both {hook} and {out}")
+    width, d_out = store.width(out), sae.W_dec.shape[1]
+    if width != d_out:
+        raise ScopeError(f"store {out} has width {width} but the transcoder writes {d_out}")
+    return out
+
+
 def _device(sae: Dictionary, device: str | torch.device | None) -> torch.device:
     if device is not None:
         sae.to(device)
@@ -129,6 +147,7 @@ def reconstruction_metrics(
     ``device`` moves ``sae`` there (in place); by default it stays where it is.
     """
     hook = resolve_hook(sae, store, hook)
+    out_hook = resolve_output_hook(sae, store, hook)
     if max_rows is not None and max_rows <= 0:
         raise ScopeError(f"max_rows must be positive, got {max_rows}")
     if not 0 < dense_threshold <= 1:
@@ -136,13 +155,15 @@ def reconstruction_metrics(
     dev = _device(sae, device)
     acc = _Accumulator(sae.cfg.d_sae)
     shuffle = max_rows is not None
-    batches = store.batches(hook, batch_size=batch_size, shuffle=shuffle, buffer_rows=max(batch_size, 1 << 15),
-                            dtype=sae.W_enc.dtype, device=dev)
-    for x in batches:
+    hooks = list(dict.fromkeys([hook, out_hook]))
+    batches = store.rows(hooks, batch_size=batch_size, shuffle=shuffle, buffer_rows=max(batch_size, 1 << 15),
+                         dtype=sae.W_enc.dtype, device=dev)
+    for b in batches:
+        x, y = (b.acts[h].reshape(b.acts[h].shape[0], -1) for h in (hook, out_hook))
         if max_rows is not None:
-            x = x[: max_rows - acc.n]
-        codes, x_hat = sae.reconstruct(x)
-        acc.add(x, x_hat, codes)
+            x, y = x[: max_rows - acc.n], y[: max_rows - acc.n]
+        codes, y_hat = sae.reconstruct(x)
+        acc.add(y, y_hat, codes)
         if max_rows is not None and acc.n >= max_rows:
             break
     if acc.n == 0:
@@ -151,10 +172,10 @@ def reconstruction_metrics(
     d_sae = sae.cfg.d_sae
     dead, dense = int((acc.fired == 0).sum()), int((freq > dense_threshold).sum())
     return ReconstructionMetrics(
-        hook=hook, rows=acc.n, l0=acc.active / acc.n,
+        hook=out_hook, input_hook=hook, rows=acc.n, l0=acc.active / acc.n,
         fvu=acc.err / acc.m2 if acc.m2 > 0 else float("nan"),
         fvu_uncentred=acc.err / acc.sq if acc.sq > 0 else float("nan"),
-        cosine=acc.cos / acc.n, mse=acc.err / (acc.n * sae.cfg.d_in),
+        cosine=acc.cos / acc.n, mse=acc.err / (acc.n * sae.W_dec.shape[1]),
         dead=dead, dead_fraction=dead / d_sae, dense=dense, dense_fraction=dense / d_sae,
         dense_threshold=dense_threshold, firing_frequency=freq,
     )

@@ -26,7 +26,10 @@ class DictSpec(_Strict):
     """One dictionary to train. ``d_in`` defaults to the store's width."""
 
     name: str | None = None
-    kind: Literal["jumprelu", "relu", "topk", "icfl"]
+    kind: Literal["jumprelu", "relu", "topk", "icfl", "transcoder"]
+    activation: Literal["jumprelu", "topk", "batchtopk"] = Field(
+        "jumprelu", description="transcoder: the activation (topk and batchtopk take `k`)")
+    skip: bool = Field(False, description="transcoder: add an affine skip connection x_in W_skip (a skip transcoder)")
     d_sae: int = Field(gt=0)
     d_in: int | None = None
     sparsity_coeff: float = Field(0.0, ge=0, description="λ: L0 weight (jumprelu) or L1 weight (relu)")
@@ -60,14 +63,21 @@ class DictSpec(_Strict):
 
     def revives(self) -> bool:
         """Whether this JumpReLU's loss needs the trainer's dead mask (pre-activation or AuxK loss)."""
-        return self.kind == "jumprelu" and bool(self.pre_act_coeff or self.aux_coeff)
+        return self.family() == "jumprelu" and bool(self.pre_act_coeff or self.aux_coeff)
+
+    def family(self) -> str:
+        """The kind whose training fields apply: a transcoder's activation (batchtopk trains as topk), else the kind."""
+        if self.kind != "transcoder":
+            return self.kind
+        return "topk" if self.activation == "batchtopk" else self.activation
 
     def label(self) -> str:
         if self.name:
             return self.name
         detail = {"topk": f"k{self.k}", "icfl": f"j{self.iterations}x{self.atoms_per_iteration}"}.get(
-            self.kind, f"l{self.sparsity_coeff:g}")
-        return f"{self.kind}-{self.d_sae}-{detail}" + ("-white" if self.whitening else "")
+            self.family(), f"l{self.sparsity_coeff:g}")
+        kind = f"{'skip-' if self.skip else ''}transcoder-{self.activation}" if self.kind == "transcoder" else self.kind
+        return f"{kind}-{self.d_sae}-{detail}" + ("-white" if self.whitening else "")
 
 
 class TrainerSettings(_Strict):
@@ -118,6 +128,8 @@ class CaptureSpec(_Strict):
 class TrainConfig(_Strict):
     store: str
     hook: str | None = None
+    input_hook: str | None = Field(None, description="the hook dictionaries read (`hook` is the same thing)")
+    output_hook: str | None = Field(None, description="transcoders: the hook they reconstruct, e.g. blocks.6.hook_mlp_out")
     capture: CaptureSpec | None = None
     trainer: TrainerSettings
     dictionaries: list[DictSpec] = Field(min_length=1)
@@ -127,25 +139,47 @@ class TrainConfig(_Strict):
         names = [d.label() for d in self.dictionaries]
         if len(set(names)) != len(names):
             raise ScopeError(f"dictionary names repeat: {names}; give each a distinct `name`")
+        if self.hook and self.input_hook and self.hook != self.input_hook:
+            raise ScopeError(f"`hook` {self.hook!r} and `input_hook` {self.input_hook!r} disagree; they name the same "
+                             "thing (the hook dictionaries read), so set one")
+        self._check_transcoders()
         for d in self.dictionaries:
-            if d.kind == "topk" and d.k is None:
-                raise ScopeError(f"dictionary {d.label()!r} is topk but sets no `k`")
-            if d.kind in ("jumprelu", "relu") and d.sparsity_coeff == 0:
+            if d.family() == "topk" and d.k is None:
+                raise ScopeError(f"dictionary {d.label()!r} is {d.activation if d.kind == 'transcoder' else 'topk'} "
+                                 "but sets no `k`")
+            if d.family() in ("jumprelu", "relu") and d.sparsity_coeff == 0:
                 raise ScopeError(f"dictionary {d.label()!r} ({d.kind}) needs a positive `sparsity_coeff` (λ)")
             if d.sparsity_loss == "quadratic" and not (d.target_l0 and d.target_l0 < d.d_sae):
                 raise ScopeError(f"dictionary {d.label()!r}: sparsity_loss quadratic needs a `target_l0` below "
                                  f"d_sae ({d.d_sae})")
             if d.matryoshka_widths is not None:
-                if d.kind not in ("jumprelu", "topk"):
+                if d.family() not in ("jumprelu", "topk"):
                     raise ScopeError(f"dictionary {d.label()!r}: matryoshka_widths needs kind jumprelu or topk")
                 try:  # the dictionaries' own rule, checked before anything is built
                     prefix_ends(d.matryoshka_widths, d.d_sae)
                 except ValueError as err:
                     raise ScopeError(f"dictionary {d.label()!r}: {err}, e.g. [{d.d_sae // 16}, {d.d_sae // 4}]") from None
-            if d.init_l0 is not None and (d.kind != "jumprelu" or d.init_l0 >= d.d_sae):
+            if d.init_l0 is not None and (d.family() != "jumprelu" or d.init_l0 >= d.d_sae):
                 raise ScopeError(f"dictionary {d.label()!r}: init_l0 {d.init_l0:g} needs kind jumprelu and a value "
                                  f"below d_sae ({d.d_sae})")
         return self
+
+    def _check_transcoders(self) -> None:
+        """Transcoders need an output hook, and an output hook is for transcoders only."""
+        tc = [d.label() for d in self.dictionaries if d.kind == "transcoder"]
+        others = [d.label() for d in self.dictionaries if d.kind != "transcoder"]
+        if tc and not self.output_hook:
+            raise ScopeError(f"dictionaries {tc} are transcoders but the config sets no `output_hook` (the hook they "
+                             "reconstruct, e.g. blocks.6.hook_mlp_out with input_hook blocks.6.ln2.hook_out)")
+        if self.output_hook and others:
+            raise ScopeError(f"`output_hook` {self.output_hook!r} is for transcoders, but dictionaries {others} are "
+                             f"not (kind: transcoder); train them in a config without output_hook")
+        for d in self.dictionaries:
+            if d.kind == "transcoder" and d.whitening is not None:
+                raise ScopeError(f"dictionary {d.label()!r}: a transcoder does not whiten its input; drop `whitening`")
+            if d.kind != "transcoder" and (d.skip or d.activation != "jumprelu"):
+                raise ScopeError(f"dictionary {d.label()!r}: `skip` and `activation` are transcoder fields; "
+                                 f"use kind: transcoder")
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:

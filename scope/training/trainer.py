@@ -139,18 +139,22 @@ def input_stats(store: ActivationStore, hook: str, rows: int, seed: int,
     return InputStats(1.0 / math.sqrt(total / n), float(torch.cat(norms).median()), (mean / n).float(), sample)
 
 
-def _spec_to_dict_cfg(spec: DictSpec, d_in: int, hook: str, store: ActivationStore) -> dict:
+def _spec_to_dict_cfg(spec: DictSpec, d_in: int, hook: str, store: ActivationStore,
+                      output: tuple[str, int] | None = None) -> dict:
     cfg = {"kind": spec.kind, "d_in": d_in, "d_sae": spec.d_sae, "hook": hook,
            "model": store.manifest.config.model, "store": store.url}
     if spec.apply_b_dec_to_input is not None:
         cfg["apply_b_dec_to_input"] = spec.apply_b_dec_to_input
-    if spec.kind == "jumprelu":
+    if spec.kind == "transcoder":
+        cfg.update(activation=spec.activation, skip=spec.skip, output_hook=output[0], d_out=output[1])
+    if spec.family() == "jumprelu":
         cfg.update(bandwidth=spec.bandwidth, threshold_init=spec.threshold_init, sparsity_loss=spec.sparsity_loss,
                    tanh_scale=spec.tanh_scale, target_l0=spec.target_l0, pre_act_coeff=spec.pre_act_coeff,
                    freq_coeff=spec.freq_coeff, freq_max=spec.freq_max, aux_k=spec.aux_k)
-    if spec.kind == "topk":
-        cfg.update(k=spec.k, selection=spec.selection, aux_k=spec.aux_k, dead_after_tokens=spec.dead_after_tokens)
-    if spec.kind in ("jumprelu", "topk") and spec.aux_coeff is not None:
+    if spec.family() == "topk":
+        selection = "batch" if spec.activation == "batchtopk" and spec.kind == "transcoder" else spec.selection
+        cfg.update(k=spec.k, selection=selection, aux_k=spec.aux_k, dead_after_tokens=spec.dead_after_tokens)
+    if spec.family() in ("jumprelu", "topk") and spec.aux_coeff is not None:
         cfg["aux_coeff"] = spec.aux_coeff
     if spec.matryoshka_widths is not None:
         cfg["matryoshka_widths"] = spec.matryoshka_widths
@@ -207,29 +211,33 @@ def _device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def training_batches(view: ActivationStore, cfg: TrainConfig, hook: str, median: float) -> Iterator[torch.Tensor]:
-    """Endless global batches of exactly ``batch_size`` rows in a fixed order, epoch after epoch.
+def training_batches(view: ActivationStore, cfg: TrainConfig, hooks: list[str],
+                     median: float) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless global batches of exactly ``batch_size`` rows in a fixed order, epoch after epoch: one
+    ``[batch, width]`` tensor per hook, row for row (a transcoder reads the first and reconstructs the second).
 
     Each epoch is a fresh shuffle of the view (seed ``trainer.seed + 1000·epoch``); the rows an epoch
     leaves over start the next epoch's first batch, so every row is seen once per epoch and a run of
     ``total_tokens`` = 2.5 × the view's rows sees each row two or three times. Rows whose norm exceeds
-    ``max_norm_ratio`` × the median are dropped when that is set.
+    ``max_norm_ratio`` × the median (of the first hook) are dropped when that is set.
     """
     t = cfg.trainer
     epoch, carry = 0, None
     while True:
         seen = 0
-        for x in view.batches(hook, batch_size=t.batch_size, seed=t.seed + 1000 * epoch, buffer_rows=t.buffer_rows):
+        for b in view.rows(hooks, batch_size=t.batch_size, seed=t.seed + 1000 * epoch, buffer_rows=t.buffer_rows):
+            xs = [b.acts[h].reshape(b.acts[h].shape[0], -1) for h in hooks]
             if t.max_norm_ratio is not None:
-                x = x[x.float().norm(dim=-1) <= t.max_norm_ratio * median]
-            seen += x.shape[0]
-            x = x if carry is None else torch.cat([carry, x])
-            while x.shape[0] >= t.batch_size:
-                yield x[: t.batch_size]
-                x = x[t.batch_size :]
-            carry = x if x.shape[0] else None
+                keep = xs[0].float().norm(dim=-1) <= t.max_norm_ratio * median
+                xs = [x[keep] for x in xs]
+            seen += xs[0].shape[0]
+            xs = xs if carry is None else [torch.cat([c, x]) for c, x in zip(carry, xs)]
+            while xs[0].shape[0] >= t.batch_size:
+                yield tuple(x[: t.batch_size] for x in xs)
+                xs = [x[t.batch_size :] for x in xs]
+            carry = xs if xs[0].shape[0] else None
         if seen == 0:
-            raise ScopeError(f"store {view.url!r} has no training rows for {hook} (after max_norm_ratio)")
+            raise ScopeError(f"store {view.url!r} has no training rows for {hooks[0]} (after max_norm_ratio)")
         epoch += 1
 
 
@@ -241,8 +249,10 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
     if rank == 0:
         _check_out(out, cfg)
     store = ActivationStore(cfg.store)
-    hook = cfg.hook or _only_hook(store)
-    store.check_hook(hook)
+    hook = _config_hook(store, "hook" if cfg.hook and not cfg.input_hook else "input_hook",
+                        cfg.input_hook or cfg.hook or _only_hook(store))
+    out_hook = _config_hook(store, "output_hook", cfg.output_hook) if cfg.output_hook else None
+    output = (out_hook, store.width(out_hook)) if out_hook else None
     d_in = store.width(hook)
     for spec in cfg.dictionaries:
         if spec.d_in is not None and spec.d_in != d_in:
@@ -252,6 +262,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
         raise ScopeError(f"trainer.batch_size {t.batch_size} must divide evenly among {world} processes")
     train_view, _ = store.split(t.held_out, seed=0)
     stats = input_stats(train_view, hook, t.norm_estimate_rows, t.seed)
+    out_stats = input_stats(train_view, out_hook, t.norm_estimate_rows, t.seed) if out_hook else None
     device = _device(cfg)
     block_steps = block_steps_for(t.dead_window_steps)
     total_steps = t.total_tokens // t.batch_size
@@ -271,7 +282,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
     runs = []
     fitted: dict[str, tuple[Whitening, InputStats]] = {}  # dictionaries with the same whitening share one fit
     for i, spec in enumerate(cfg.dictionaries):
-        sae = build(_spec_to_dict_cfg(spec, d_in, hook, store))
+        sae = build(_spec_to_dict_cfg(spec, d_in, hook, store, output))
         sae.reset_parameters(seed=t.seed + i)
         own = stats
         if spec.whitening is not None:
@@ -282,9 +293,12 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
             white, own = fitted[key]
             sae.whitening.load_state_dict(white.state_dict())
         sae.input_scale.fill_(own.scale)
+        target = own if out_stats is None else out_stats  # what the decoder reconstructs
+        if out_stats is not None:
+            sae.output_scale.fill_(out_stats.scale)
         if t.b_dec_init == "mean":
             with torch.no_grad():
-                sae.b_dec.copy_(own.mean * own.scale)
+                sae.b_dec.copy_(target.mean * target.scale)
         sae.to(device)
         if spec.init_l0 is not None:
             sae.init_thresholds(own.sample, spec.init_l0)
@@ -298,7 +312,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_COPY).write_text(_yaml(cfg))
     logger = MetricLogger(out, cfg.logging, enabled=rank == 0)
-    data = training_batches(train_view, cfg, hook, stats.median_norm)
+    data = training_batches(train_view, cfg, [hook, out_hook] if out_hook else [hook], stats.median_norm)
     for _ in range(start):  # replay the data order up to the checkpoint: resumed runs see the same batches
         next(data)
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not progress or rank != 0,
@@ -307,9 +321,10 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.dtype == "bfloat16")
     t0 = time.time()
     for step in range(start, total_steps):
-        x = next(data)
-        x = x[rank * per_rank : (rank + 1) * per_rank] if world > 1 else x
-        x = x.to(device, torch.float32, non_blocking=True)
+        batch = next(data)
+        batch = [b[rank * per_rank : (rank + 1) * per_rank] for b in batch] if world > 1 else batch
+        x, *rest = [b.to(device, torch.float32, non_blocking=True) for b in batch]
+        y = rest[0] if rest else None  # a transcoder's output site
         lr_mult, lam_mult = lr_at(step, total_steps, t), sparsity_at(step, t)
         row = {"step": step + 1, "tokens": (step + 1) * t.batch_size, "lr_mult": lr_mult, "sparsity_mult": lam_mult}
         prepared: dict[str, torch.Tensor] = {}  # dictionaries with the same whitening share its output
@@ -322,6 +337,8 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
                     prepared[key] = run.sae.prepare(x)[0]
             xr = prepared[key]
             extra = {"dead": run.dead_mask(t.dead_frequency)} if run.spec.revives() else {}
+            if y is not None:
+                extra["target"] = y
             with autocast:
                 parts = run.sae.loss(xr, run.spec.sparsity_coeff * lam_mult, sparse=t.sparse_kernels, **extra)
             parts.loss.backward()
@@ -338,8 +355,8 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
                 dist.all_reduce(counts, op=dist.ReduceOp.SUM)
             run.record(counts, xr.shape[0] * world, step, block_steps)
             if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
-                xs = xr * run.sae.input_scale
-                var = (xs - xs.mean(0)).pow(2).sum(-1).mean()
+                goal = (xr if y is None else y) * run.sae.reconstruction_scale()
+                var = (goal - goal.mean(0)).pow(2).sum(-1).mean()
                 mse = float(parts.mse.detach())
                 row.update({f"{run.name}/loss": float(parts.loss.detach()), f"{run.name}/mse": mse,
                             f"{run.name}/fvu": mse / float(var), f"{run.name}/l0": float(parts.l0),
@@ -374,15 +391,24 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
 def _save(run: Trained, folder: Path) -> Path:
     """Save for inference; a BatchTopK SAE is saved as the JumpReLU it is at inference (as SAELens does)."""
     sae = run.sae
-    if sae.kind == "topk" and sae.cfg.selection == "batch":
+    if getattr(sae.cfg, "selection", None) == "batch":  # BatchTopK SAEs and transcoders
         sae = sae.as_jumprelu()
     return sae.save(folder)
+
+
+def _config_hook(store: ActivationStore, key: str, hook: str) -> str:
+    """A hook the config names, checked against the store: an error names the key, the hook and the store's hooks."""
+    if hook not in store.hooks:
+        raise ScopeError(f"the config's {key} {hook!r} is not in store {store.url!r}, which holds {sorted(store.hooks)}; "
+                         f"set {key} to one of those or capture a store with it (`scope cache --hooks ...`, or the "
+                         f"config's capture: hooks)")
+    return hook
 
 
 def _only_hook(store: ActivationStore) -> str:
     hooks = list(store.hooks)
     if len(hooks) != 1:
-        raise ScopeError(f"store {store.url!r} holds several hooks {hooks}; set `hook:` in the config")
+        raise ScopeError(f"store {store.url!r} holds several hooks {hooks}; set `input_hook:` (or `hook:`) in the config")
     return hooks[0]
 
 

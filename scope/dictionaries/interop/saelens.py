@@ -4,6 +4,10 @@ SAELens 6.x: ``cfg.json`` (``architecture`` jumprelu/standard/topk, ``d_in``, ``
 ``apply_b_dec_to_input``, ``normalize_activations``, ``metadata`` with ``hook_name``/``model_name``) plus
 ``sae_weights.safetensors``. Kind mapping: jumprelu ↔ jumprelu, relu ↔ standard, topk (exact) ↔ topk;
 topk (batch) exports as jumprelu with its one inference threshold on every latent, as SAELens saves BatchTopK.
+Transcoders (``d_out`` and ``metadata.hook_name_out`` beside ``hook_name``): a JumpReLU (or BatchTopK) transcoder
+↔ ``jumprelu_transcoder``, with a skip connection ↔ ``jumprelu_skip_transcoder``; SAELens's ReLU ``transcoder`` and
+``skip_transcoder`` import as JumpReLU transcoders with θ = 0 (the same map). SAELens keeps ``W_skip`` as
+``[d_out, d_in]`` and adds x · W_skipᵀ; scope keeps it ``[d_in, d_out]``, so it is transposed both ways.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from scope.dictionaries.base import Dictionary
 from scope.dictionaries.interop.tensors import SAE_KEYS, assemble, relu_threshold
+from scope.dictionaries.transcoder import JumpReLUTranscoderConfig
 from scope.errors import ScopeError
 
 SAELENS_CONFIG = "cfg.json"
@@ -34,6 +39,7 @@ def to_saelens(sae: Dictionary, folder: str | Path) -> Path:
         "architecture": arch, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
         "dtype": _DTYPES.get(sae.W_enc.dtype, "float32"), "device": "cpu",
         "apply_b_dec_to_input": sae.cfg.apply_b_dec_to_input,
+        **({"d_out": sae.cfg.d_out} if sae.kind == "transcoder" else {}),
         # scope folds its one input scale into the weights, so SAELens needs no normalisation of its own
         "normalize_activations": "none", **fields,
         # SAELens feeds hook_z SAEs [..., heads, d_head] and flattens them itself; scope's take [..., heads·d_head]
@@ -41,6 +47,7 @@ def to_saelens(sae: Dictionary, folder: str | Path) -> Path:
         "metadata": {
             "sae_lens_version": SAELENS_LAYOUT_VERSION, "sae_lens_training_version": None,
             "model_name": sae.cfg.model, "hook_name": sae.cfg.hook, "hook_head_index": None,
+            **({"hook_name_out": sae.output_hook} if sae.kind == "transcoder" else {}),
             "prepend_bos": True,  # Gemma is always run with BOS, as scope captures it
             "scope_config": sae.cfg.model_dump(),  # scope-only fields (bandwidth, aux_k, ...) come back on import
         },
@@ -63,6 +70,10 @@ def _saelens_form(sae: Dictionary) -> tuple[str, dict[str, Any], dict[str, torch
     sd = sae.saved_tensors(fold=True)
     tensors = {k: sd[k] for k in SAE_KEYS}
     kind, selection = sae.kind, getattr(sae.cfg, "selection", None)
+    if kind == "transcoder" and sae.cfg.activation in ("jumprelu", "batchtopk"):
+        theta = sd["threshold"].float().expand(sae.cfg.d_sae).clone()  # BatchTopK: its one inference threshold
+        skip = {"W_skip": sd["W_skip"].T.contiguous()} if sae.cfg.skip else {}
+        return f"jumprelu{'_skip' if sae.cfg.skip else ''}_transcoder", {}, {**tensors, "threshold": theta, **skip}
     if kind == "jumprelu":
         return "jumprelu", {}, {**tensors, "threshold": sd["threshold"]}
     if kind == "relu":
@@ -74,8 +85,11 @@ def _saelens_form(sae: Dictionary) -> tuple[str, dict[str, Any], dict[str, torch
         theta = sd["threshold"].float().expand(sae.cfg.d_sae).clone()
         return "jumprelu", {}, {**tensors, "threshold": theta}
     what = f"{kind} (selection {selection!r})" if selection else repr(kind)
+    if kind == "transcoder":
+        what = f"{sae.cfg.activation} transcoder"
     raise ScopeError(f"a {what} dictionary has no SAELens counterpart; these convert: jumprelu, relu (-> standard), "
-                     f"topk with selection 'exact' (-> topk) or 'batch' (-> jumprelu)")
+                     f"topk with selection 'exact' (-> topk) or 'batch' (-> jumprelu), and jumprelu or batchtopk "
+                     f"transcoders (-> jumprelu_transcoder, jumprelu_skip_transcoder)")
 
 
 def from_saelens(folder: str | Path, device: str | torch.device | None = None) -> Dictionary:
@@ -100,6 +114,8 @@ def _scope_form(raw: dict[str, Any], tensors: dict[str, torch.Tensor],
             "apply_b_dec_to_input": bool(raw.get("apply_b_dec_to_input", True)),
             "hook": meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point"),
             "model": meta.get("model_name") or raw.get("model_name")}
+    if arch in _TRANSCODERS:
+        return _scope_transcoder(raw, meta, arch, base, tensors, folder)
     if arch == "jumprelu":
         kind, fields = "jumprelu", {}
         if "threshold" not in tensors:
@@ -115,8 +131,38 @@ def _scope_form(raw: dict[str, Any], tensors: dict[str, torch.Tensor],
             tensors = _fold_decoder_norm(tensors)
     else:
         raise ScopeError(f"{folder}: SAELens architecture {arch!r} has no scope counterpart; these convert: "
-                         f"jumprelu, standard (-> relu), topk")
+                         f"jumprelu, standard (-> relu), topk, {', '.join(_TRANSCODERS)}")
     cfg = {**_scope_only_fields(meta, kind), **base, **fields, "kind": kind}
+    return cfg, tensors
+
+
+_TRANSCODERS = ("jumprelu_transcoder", "jumprelu_skip_transcoder", "transcoder", "skip_transcoder")
+
+
+def _scope_transcoder(raw: dict[str, Any], meta: dict[str, Any], arch: str, base: dict[str, Any],
+                      tensors: dict[str, torch.Tensor], folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A SAELens transcoder as a scope JumpReLU transcoder (a ReLU one is JumpReLU with θ = 0)."""
+    skip = "skip" in arch
+    if skip != ("W_skip" in tensors):
+        raise ScopeError(f"{folder}: architecture {arch!r} {'needs' if skip else 'has no'} W_skip; found {sorted(tensors)}")
+    tensors = dict(tensors)
+    if arch.startswith("jumprelu"):
+        if "threshold" not in tensors:
+            raise ScopeError(f"{folder}: {arch} weights lack 'threshold'; found {sorted(tensors)}")
+        tensors["threshold"] = relu_threshold(tensors["threshold"])
+    else:
+        tensors["threshold"] = torch.zeros(int(raw["d_sae"]))
+    if skip:
+        tensors["W_skip"] = tensors["W_skip"].T.contiguous()  # SAELens [d_out, d_in] -> scope [d_in, d_out]
+    out_hook = meta.get("hook_name_out") or raw.get("hook_name_out")
+    d_out = int(raw.get("d_out") or tensors["W_dec"].shape[1])
+    if base["apply_b_dec_to_input"] and "apply_b_dec_to_input" in raw:
+        raise ScopeError(f"{folder}: a transcoder with apply_b_dec_to_input true has no scope counterpart (its b_dec "
+                         f"lives at the output site)")
+    # a BatchTopK transcoder's scope-only fields (aux_k, ...) do not belong to the JumpReLU transcoder it exported as
+    own = {k: v for k, v in _scope_only_fields(meta, "transcoder").items() if k in JumpReLUTranscoderConfig.model_fields}
+    cfg = {**own, **base, "apply_b_dec_to_input": False, "kind": "transcoder",
+           "activation": "jumprelu", "d_out": d_out, "skip": skip, "output_hook": out_hook}
     return cfg, tensors
 
 
@@ -125,7 +171,8 @@ def _scope_only_fields(meta: dict[str, Any], kind: str) -> dict[str, Any]:
     saved = meta.get("scope_config")
     if not isinstance(saved, dict) or saved.get("kind") != kind:
         return {}
-    owned = {"kind", "d_in", "d_sae", "apply_b_dec_to_input", "hook", "model", "k", "selection"}
+    owned = {"kind", "d_in", "d_sae", "apply_b_dec_to_input", "hook", "model", "k", "selection", "activation",
+             "d_out", "skip", "output_hook"}
     return {k: v for k, v in saved.items() if k not in owned}
 
 

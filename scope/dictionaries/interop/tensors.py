@@ -34,7 +34,9 @@ def assemble(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], source: str,
     d = build(cfg)
     # Start from the kind's own saved form, so buffers a foreign format lacks (TopK counters) keep defaults.
     full = d.saved_tensors(fold=False)
-    required = (*SAE_KEYS, "threshold") if cfg["kind"] == "jumprelu" else SAE_KEYS
+    jump = cfg["kind"] == "jumprelu" or (cfg["kind"] == "transcoder" and cfg.get("activation", "jumprelu") == "jumprelu")
+    required = (*SAE_KEYS, "threshold") if jump else SAE_KEYS
+    required = (*required, "W_skip") if cfg.get("skip") else required
     missing = [k for k in required if k not in tensors]
     if missing:
         raise ScopeError(f"{source}: tensors {missing} are missing for a {cfg['kind']} dictionary; "
