@@ -29,11 +29,9 @@ import shutil
 from pathlib import Path
 
 import plotly.graph_objects as go
-from sweep import sweep_parser, train_sweep
+from sweep import evaluate_cached, sweep_parser, train_sweep
 
 from scope.analysis.output import write_results
-from scope.dictionaries import load
-from scope.evals import evaluate_many, load_store_model
 from scope.store import ActivationStore
 from scope.training import load_config
 from scope.training.trainer import SNAPSHOTS
@@ -73,20 +71,8 @@ def dictionaries_by_step(out: Path, names: list[str], total_steps: int) -> dict[
 
 def evaluate_new(out: Path, found: dict[int, dict[str, Path]], held_out: ActivationStore, lm_tokens: int) -> dict:
     """Evaluate every (step, dictionary) not in the cache, all in one pass; return the whole cache."""
-    path = out / EVALS
-    cache = json.loads(path.read_text()) if path.exists() else {}
-    key = lambda step, name: f"{name}@{step}"  # noqa: E731
-    todo = {key(s, n): p for s, saved in found.items() for n, p in saved.items()
-            if cache.get(key(s, n), {}).get("lm_tokens") != lm_tokens}
-    if todo:
-        model = load_store_model(held_out)
-        results = evaluate_many({k: load(p) for k, p in todo.items()}, held_out, model=model, lm_tokens=lm_tokens)
-        for r in results:
-            cache[r["name"]] = {**r, "lm_tokens": lm_tokens}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        tmp.replace(path)
-    return cache
+    return evaluate_cached(out / EVALS, {f"{n}@{s}": p for s, saved in found.items() for n, p in saved.items()},
+                           held_out, lm_tokens)
 
 
 def figures(cache: dict, names: list[str], batch_size: int, final_step: int) -> dict[str, go.Figure]:

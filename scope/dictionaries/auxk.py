@@ -38,11 +38,13 @@ def aux_loss(pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor, k_aux: in
         aux_recon = torch.zeros_like(dead_pre).scatter(-1, idx, vals) @ W_dec
     else:
         with torch.no_grad():
-            vals, idx = torch.relu(pre).masked_fill(~dead, 0.0).topk(k_aux, dim=-1, sorted=False)
+            # Top-k over the dead columns only: masking and ranking all d_sae columns cost more than the
+            # rest of the step once a few per cent of the latents are dead.
+            dead_cols = dead.nonzero().squeeze(1)  # ascending, so sorted positions keep the pairs row-major
+            vals, idx = torch.relu(pre.index_select(1, dead_cols)).topk(k_aux, dim=-1, sorted=False)
             idx, order = idx.sort(-1)
-            # Only positive dead entries: top-k pads short rows with masked zeros of live latents.
-            keep = vals.gather(-1, order).reshape(-1) > 0
+            keep = vals.gather(-1, order).reshape(-1) > 0  # a row with fewer positive dead entries than k_aux
             rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k_aux)[keep]
-        z, r, c = gather(rows, idx.reshape(-1)[keep])
+        z, r, c = gather(rows, dead_cols[idx.reshape(-1)[keep]])
         aux_recon = SparseDecode.apply(torch.relu(z), W_dec, r, c, pre.shape[0])
     return (residual - aux_recon).pow(2).sum(-1).mean() / scale
