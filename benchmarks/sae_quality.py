@@ -29,14 +29,13 @@ import shutil
 from pathlib import Path
 
 import plotly.graph_objects as go
-from sweep import evaluate_cached, sweep_parser, train_sweep
+from sweep import EVALS, evaluate_cached, run_study, sweep_parser, train_sweep
 
 from scope.analysis.output import write_results
 from scope.store import ActivationStore
 from scope.training import load_config
 from scope.training.trainer import SNAPSHOTS
 
-EVALS = "evals.json"
 
 
 def table(results: list[dict], store: str, tokens: int) -> str:
@@ -149,4 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_study(main)

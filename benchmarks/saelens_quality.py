@@ -27,23 +27,20 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from sweep import evaluate_cached, sweep_parser
+from sweep import EVALS, evaluate_cached, run_study, sweep_parser, timed_train, training_time
 from tqdm import tqdm
 
 from scope.store import ActivationStore
-from scope.training import TrainConfig, ensure_store, load_config, train
-from scope.training.trainer import CHECKPOINT, input_stats, training_batches
+from scope.training import TrainConfig, ensure_store, load_config
+from scope.training.trainer import input_stats, training_batches
 
 HERE = Path(__file__).resolve().parent
 SIDE = HERE / "saelens_quality_side.py"
 CHUNK_BATCHES = 32  # batches per rows file: 84 MB at 4,096 × 640 float32
-EVALS = "evals.json"
 
 
 def dump_rows(cfg: TrainConfig, folder: Path) -> dict:
@@ -70,22 +67,6 @@ def dump_rows(cfg: TrainConfig, folder: Path) -> dict:
     return meta
 
 
-def train_scope(cfg: TrainConfig, out: Path) -> dict:
-    """Train (or find) scope's dictionaries; the wall time counts only when the run started from scratch."""
-    timing = out / "timing.json"
-    if timing.exists():
-        return json.loads(timing.read_text())
-    fresh = not (out / CHECKPOINT).exists()
-    t0 = time.perf_counter()
-    train(cfg, out)
-    wall = time.perf_counter() - t0
-    steps = cfg.trainer.total_tokens // cfg.trainer.batch_size
-    result = {"wall_s": wall if fresh else None, "steps": steps, "threads": torch.get_num_threads(),
-              "note": None if fresh else "resumed from a checkpoint: no comparable wall time"}
-    timing.write_text(json.dumps(result, indent=1))
-    return result
-
-
 def recipe_parts(recipe: str) -> tuple[str, float]:
     """``tanh`` or ``tanh:2`` (l0_coefficient 2 instead of the guide's 5) -> (loss mode, l0_coefficient)."""
     mode, _, coeff = recipe.partition(":")
@@ -103,10 +84,10 @@ def part_name(recipe: str) -> str:
     return f"saelens-{mode}" + ("" if coeff == 5.0 else f"-l0c{coeff:g}")
 
 
-def train_saelens(args, rows: Path, recipe: str, d_sae: int, hook: str, target_l0: float, out: Path) -> dict:
-    """Run the SAELens side for one recipe unless its folder exists."""
+def train_saelens(args, rows: Path, recipe: str, d_sae: int, hook: str, target_l0: float, out: Path) -> None:
+    """Run the SAELens side for one recipe unless it has run (its folder then holds training.json)."""
     if (out / "training.json").exists():
-        return json.loads((out / "training.json").read_text())
+        return
     mode, coeff = recipe_parts(recipe)
     cmd = [args.saelens_python, str(SIDE), "--rows", str(rows), "--recipe", mode, "--l0-coeff", str(coeff),
            "--d-sae", str(d_sae),
@@ -114,7 +95,6 @@ def train_saelens(args, rows: Path, recipe: str, d_sae: int, hook: str, target_l
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"SAELens side failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def table(rows: list[dict], tokens: int, lm_tokens: int) -> str:
@@ -185,16 +165,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     hook = cfg.hook or cfg.input_hook
 
-    timings = {}
     if "scope" in only:
-        timings["scope"] = train_scope(cfg, out / "scope")
+        timed_train(cfg, out / "scope")
     if any(p != "scope" for p in only):
         rows = out / "rows"
         dump_rows(cfg, rows)
         for r in recipes:
             if part_name(r) in only:
-                timings[part_name(r)] = train_saelens(args, rows, r, spec.d_sae, hook, spec.target_l0 or 60.0,
-                                                      out / part_name(r))
+                train_saelens(args, rows, r, spec.d_sae, hook, spec.target_l0 or 60.0, out / part_name(r))
     if args.no_eval:
         return
 
@@ -204,16 +182,16 @@ def main() -> None:
         raise SystemExit(f"not trained yet: {', '.join(missing)}; run without --no-eval and --only to train them")
     held_out = ActivationStore(cfg.store).split(args.held_out, seed=0)[1]
     cache = evaluate_cached(out / EVALS, folders, held_out, args.lm_tokens)
+    saelens_runs = {n: json.loads((p / "training.json").read_text()) for n, p in folders.items() if n != "scope"}
     rows_out = []
     for name in folders:
-        timing = json.loads(((out / "scope" / "timing.json") if name == "scope"
-                             else (out / name / "training.json")).read_text())
+        timing = training_time(cfg, out / "scope") if name == "scope" else saelens_runs[name]
         rows_out.append({**cache[name], "trainer": "scope" if name == "scope" else "sae-lens",
                          "recipe": spec.sparsity_loss + " (scope config)" if name == "scope" else name.split("-", 1)[1],
                          "wall_s": timing["wall_s"], "steps": timing["steps"]})
     result = {"config": args.config, "token_steps": cfg.trainer.total_tokens, "lm_tokens": args.lm_tokens,
               "results": rows_out, "verdict": verdict(rows_out),
-              "saelens_recipes": {n: json.loads((out / n / "training.json").read_text()) for n in folders if n != "scope"}}
+              "saelens_recipes": saelens_runs}
     (out / "quality.json").write_text(json.dumps(result, indent=1))
     md = table(rows_out, cfg.trainer.total_tokens, args.lm_tokens)
     if args.markdown:
@@ -222,4 +200,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_study(main)

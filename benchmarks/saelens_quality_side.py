@@ -100,12 +100,13 @@ def main() -> None:
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
     trained.save_inference_model(tmp)
-    tmp.replace(out)
     result = {"library": "sae-lens", "version": sae_lens.__version__, "recipe": args.recipe, "steps": steps,
               "batch": batch, "token_steps": steps * batch, "wall_s": wall, "threads": torch.get_num_threads(),
               "sae_cfg": recipe,
               "lr": lr, "lr_decay_steps": decay, "scaling_factor": d_in**0.5 / meta["mean_norm"]}
-    (out / "training.json").write_text(json.dumps(result, indent=1))
+    # training.json marks a finished run, so it goes in before the folder takes its final name
+    (tmp / "training.json").write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
     print(json.dumps(result))
 
 

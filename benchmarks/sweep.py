@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from scope.dictionaries.interop import load_any
 from scope.evals import evaluate_many, load_store_model
+from scope.errors import ScopeError
 from scope.store import ActivationStore
 from scope.training import TrainConfig, ensure_store, load_config, train
+from scope.training.trainer import CHECKPOINT
+
+EVALS = "evals.json"  # a study's evaluation cache, in its run folder
+TIMING = "timing.json"
 
 
 def sweep_parser(description: str, config: str, out: str) -> argparse.ArgumentParser:
@@ -46,3 +56,35 @@ def evaluate_cached(path: Path, saes: dict[str, Path], held_out: ActivationStore
         tmp.write_text(json.dumps(cache, indent=1))
         tmp.replace(path)
     return cache
+
+
+def timed_train(cfg: TrainConfig, out: Path) -> dict[str, Path]:
+    """Train (or resume) ``cfg`` into ``out``, recording the wall time in OUT/timing.json when the run started from
+    scratch (a resumed run's time is not comparable, so it records none)."""
+    fresh = not (out / CHECKPOINT).exists()
+    t0 = time.perf_counter()
+    saved = train(cfg, out)
+    if fresh:
+        (out / TIMING).write_text(json.dumps({"wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads(),
+                                              "steps": cfg.trainer.total_tokens // cfg.trainer.batch_size}))
+    return saved
+
+
+def training_time(cfg: TrainConfig, out: Path) -> dict:
+    """What :func:`timed_train` recorded for ``out``: wall_s (None if it was resumed or never timed) and steps."""
+    recorded = json.loads((out / TIMING).read_text()) if (out / TIMING).exists() else {}
+    return {"wall_s": None, "steps": cfg.trainer.total_tokens // cfg.trainer.batch_size, **recorded}
+
+
+def run_study(main: Callable[[], None]) -> None:
+    """Run a study's ``main``: a ScopeError or a refused flag is one line on stderr and exit status 2, no traceback."""
+    try:
+        main()
+    except ScopeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except SystemExit as err:
+        if not isinstance(err.code, str):
+            raise
+        print(f"error: {err.code}", file=sys.stderr)
+        sys.exit(2)

@@ -7,8 +7,10 @@ target, recipe and budget (``benchmarks/saelens_quality.py``'s scope dictionary,
 dead latents, FVU of what each one reconstructs, and the language-model loss with the MLP's output replaced by
 the transcoder's (or the residual stream by the SAE's) over 16,384 LM tokens by default.
 
-Delta loss (spliced CE − clean CE) compares the three directly. CE recovered does not: its zero-ablation
-baseline is the MLP's output for a transcoder and the whole residual stream for the SAE.
+Delta loss (spliced CE − clean CE) is what each replacement costs the model; replacing one MLP's output is a
+smaller intervention than replacing the residual stream, so it does not rank a transcoder against the SAE. CE
+recovered is not comparable across the rows either: its zero-ablation baseline is the MLP's output for a
+transcoder and the whole residual stream for the SAE.
 
 Run:  python benchmarks/transcoder_quality.py [--out runs/transcoder-quality] [--sae-run runs/saelens-quality]
           [--lm-tokens 16384] [--no-eval] [--markdown PATH] [--json]
@@ -19,17 +21,13 @@ tokens; otherwise the SAE in SAE_RUN/scope/ is evaluated here. The run folder re
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
-from sweep import evaluate_cached, sweep_parser
+from sweep import EVALS, evaluate_cached, run_study, sweep_parser, timed_train
 
 from scope.store import ActivationStore
-from scope.training import ensure_store, load_config, train
-from scope.training.trainer import CHECKPOINT
-
-EVALS = "evals.json"
+from scope.training import ensure_store, load_config
 
 
 def table(rows: list[dict], tokens: int, lm_tokens: int) -> str:
@@ -63,12 +61,7 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     ensure_store(cfg)
     out = Path(args.out)
-    fresh = not (out / CHECKPOINT).exists()
-    t0 = time.perf_counter()
-    saved = train(cfg, out)
-    if fresh:
-        (out / "timing.json").write_text(json.dumps({"wall_s": time.perf_counter() - t0,
-                                                     "threads": torch.get_num_threads()}))
+    saved = timed_train(cfg, out)
     if args.no_eval:
         return
 
@@ -76,7 +69,7 @@ def main() -> None:
     cache = evaluate_cached(out / EVALS, saved, held_out, args.lm_tokens)
     rows = [cache[n] for n in saved]
     sae_run = Path(args.sae_run)
-    sae_cache = json.loads((sae_run / "evals.json").read_text()) if (sae_run / "evals.json").exists() else {}
+    sae_cache = json.loads((sae_run / EVALS).read_text()) if (sae_run / EVALS).exists() else {}
     if sae_cache.get("scope", {}).get("lm_tokens") == args.lm_tokens:
         sae_row = sae_cache["scope"]
     else:
@@ -104,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_study(main)
