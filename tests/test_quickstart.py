@@ -21,7 +21,9 @@ def test_quickstart_writes_store_sae_and_metrics(gemma, tmp_path):
     assert (out / "sae" / "metrics.jsonl").exists()
     rows = [json.loads(line) for line in (out / "sae" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["jumprelu/fvu"] < 0.7 * rows[0]["jumprelu/fvu"], "training lowers FVU on the real model"
-    assert rows[-1]["jumprelu/l0"] < rows[0]["jumprelu/l0"], "the L0 penalty pulls L0 down as λ warms up"
+    from scope.quickstart import QUICKSTART_TARGET_L0
+    # θ starts at the target's quantile and the quadratic penalty holds L0 there while FVU falls.
+    assert abs(rows[-1]["jumprelu/l0"] / QUICKSTART_TARGET_L0 - 1) < 0.5, [r["jumprelu/l0"] for r in rows]
     m = report["metrics"]
     assert 0 < m["l0"] < 512 and 0 <= m["fvu"] < 1 and m["d_sae"] == 512
     lm = m["lm"]

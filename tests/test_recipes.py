@@ -105,6 +105,27 @@ def test_jumprelu_auxk_reconstructs_the_residual_from_dead_latents_only(sparse):
     assert d.b_dec.grad is None or not d.b_dec.grad.any(), "AuxK leaves b_dec alone (a shift moves every latent)"
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_jumprelu_b_dec_learns_only_as_the_decoder_bias(sparse):
+    # A shift of b_dec moves every pre-activation against fixed θ, so the penalties must not reach it
+    # through the centred encoder input; it gets exactly the gradient of the reconstruction's bias term.
+    d = _jumprelu(apply_b_dec_to_input=True, sparsity_loss="quadratic", target_l0=2.0, freq_coeff=3.0,
+                  freq_max=0.01)
+    with torch.no_grad():
+        d.b_dec.normal_(0, 0.3)
+    x = torch.randn(128, 16)
+    parts = d.loss(x, 5.0, sparse=sparse)
+    assert (parts.codes is None) == sparse, "the path under test ran"
+    parts.loss.backward()
+    assert d.threshold.grad.abs().sum() > 0 and d.W_enc.grad.abs().sum() > 0, "the penalties are live"
+    xs = x * d.input_scale
+    z = (xs - d.b_dec.detach()) @ d.W_enc.detach() + d.b_enc.detach()
+    f = z * (z > d.threshold.detach())
+    b = d.b_dec.detach().clone().requires_grad_(True)
+    (xs - (f @ d.W_dec.detach() + b)).pow(2).sum(-1).mean().backward()
+    torch.testing.assert_close(d.b_dec.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
 def _prefix_losses_by_hand(d, x: torch.Tensor, codes: torch.Tensor, widths: list[int]) -> torch.Tensor:
     xs = x * d.input_scale
     return sum((xs - (codes[:, :m] @ d.W_dec[:m] + d.b_dec)).pow(2).sum(-1).mean() for m in widths)

@@ -24,6 +24,13 @@ option here (see docs/methods/jumprelu.md for the forms and why each was chosen)
 
 Against dead latents, beside the pre-activation loss, ``aux_coeff`` adds TopK's AuxK loss
 (scope/dictionaries/auxk.py) over the latents the trainer's firing record calls dead.
+
+With ``apply_b_dec_to_input`` the encoder sees x − b_dec, but no gradient reaches b_dec through that path:
+b_dec learns as the decoder's bias only. The θ are fixed thresholds on the pre-activations and a shift of
+b_dec moves every pre-activation at once, so through the encoder the L0 and frequency penalties (and AuxK)
+could lower the firing of all latents together with one vector, which Adam with β1 = 0 moves by about the
+learning rate per coordinate per step. In the 10M study a quadratic-penalty JumpReLU with that gradient
+fell from L0 ~45 to L0 ~6 within 30 steps, with almost no latent dead beforehand (docs/methods/jumprelu.md).
 """
 
 from __future__ import annotations
@@ -208,7 +215,7 @@ class JumpReLU(Dictionary):
         if not sparse:
             return self._dense_loss(x, sparsity_coeff, dead, target)
         eps = self.cfg.bandwidth
-        xs, shift, xin, pre = self.gathered_inputs(x)
+        xs, _, xin, pre = self.gathered_inputs(x)  # no shift into GatheredPre: b_dec learns only as a decoder bias
         theta = self.threshold.float()
         with torch.no_grad():
             # Active codes plus the kernel window below θ, where θ's pseudo-derivative lives:
@@ -216,7 +223,7 @@ class JumpReLU(Dictionary):
             rows, cols = pairs(pre >= theta - eps / 2)
         if rows.numel() > DENSE_ABOVE * pre.numel():  # early in training: dense products are cheaper
             return self._dense_loss(x, sparsity_coeff, dead, target)
-        z = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, rows, cols, shift)
+        z = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, rows, cols, None)
         th = theta[cols]
         f = JumpReLUFn.apply(z, th, eps)
         rec = sparse_reconstruction(xs if target is None else target, f, self.W_dec, self.b_dec, rows, cols,
@@ -224,7 +231,6 @@ class JumpReLU(Dictionary):
         sparsity, freq = self._sparsity(f, z, th, self.W_dec.norm(dim=1)[cols], x.shape[0], cols)
         active = z.detach() > th
         counts = torch.bincount(cols[active], minlength=self.cfg.d_sae)
-        # No shift: AuxK must not move b_dec (see _aux).
         aux = self._aux(pre, rec.err, dead,
                         lambda r, c: (GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, r, c, None), r, c))
         loss = rec.loss + sparsity_coeff * sparsity + freq + self._pre_act(xin, dead)
@@ -234,7 +240,7 @@ class JumpReLU(Dictionary):
     def _dense_loss(self, x: torch.Tensor, sparsity_coeff: float, dead: torch.Tensor | None = None,
                     target: torch.Tensor | None = None) -> LossParts:
         xs = x.to(self.W_enc.dtype) * self.input_scale
-        xin = xs - self.b_dec if self.cfg.apply_b_dec_to_input else xs
+        xin = xs - self.b_dec.detach() if self.cfg.apply_b_dec_to_input else xs  # b_dec: decoder bias only (module doc)
         pre = xin @ self.W_enc + self.b_enc
         theta = self.threshold.float().to(pre.dtype)
         f = JumpReLUFn.apply(pre, theta, self.cfg.bandwidth)

@@ -103,6 +103,8 @@ class TrainerSettings(_Strict):
         "mean", description="start b_dec at the data mean: Gemma's residual stream has channels with huge means")
     dead_window_steps: int = Field(1000, gt=0, description="dead latents: firing frequency over this many last steps")
     dead_frequency: float = Field(1e-5, ge=0, description="a latent firing on fewer than this fraction of rows is dead")
+    max_grad_norm: float | None = Field(
+        None, gt=0, description="clip each dictionary's gradient to this global norm before the Adam step (off by default)")
     max_norm_ratio: float | None = Field(
         None, gt=0, description="skip rows whose norm exceeds this multiple of the median norm (outlier tokens)")
 

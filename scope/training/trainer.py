@@ -31,7 +31,7 @@ from scope.errors import ScopeError, first_line
 from scope.files import read_json, read_safetensors
 from scope.store import ActivationStore
 from scope.store.fs import replace_folder
-from scope.training.config import DictSpec, TrainConfig
+from scope.training.config import DictSpec, TrainConfig, load_config
 from scope.training.logging import MetricLogger
 
 CHECKPOINT = "checkpoint"
@@ -346,6 +346,12 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
                 _average_grads(run.sae, world)
             if run.sae.unit_norm_decoder:
                 run.sae.remove_parallel_decoder_grad()
+            logging = (step + 1) % t.log_every == 0 or step + 1 == total_steps
+            if t.max_grad_norm is not None or logging:
+                # Clipping bounds one batch's pull: with Adam's β1 = 0 a gradient far above the running second
+                # moment moves each parameter by several learning rates at once. The norm is logged either way.
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in run.sae.parameters() if p.grad is not None], t.max_grad_norm or math.inf)
             run.opt.step()
             run.opt.zero_grad(set_to_none=True)
             run.sae.project()
@@ -354,13 +360,14 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
             if world > 1:
                 dist.all_reduce(counts, op=dist.ReduceOp.SUM)
             run.record(counts, xr.shape[0] * world, step, block_steps)
-            if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
+            if logging:
                 goal = (xr if y is None else y) * run.sae.reconstruction_scale()
                 var = (goal - goal.mean(0)).pow(2).sum(-1).mean()
                 mse = float(parts.mse.detach())
                 row.update({f"{run.name}/loss": float(parts.loss.detach()), f"{run.name}/mse": mse,
                             f"{run.name}/fvu": mse / float(var), f"{run.name}/l0": float(parts.l0),
-                            f"{run.name}/dead": run.dead_fraction(t.dead_frequency)})
+                            f"{run.name}/dead": run.dead_fraction(t.dead_frequency),
+                            f"{run.name}/grad_norm": float(grad_norm)})
                 if parts.aux is not None:
                     row[f"{run.name}/aux"] = float(parts.aux.detach())
         if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
@@ -457,8 +464,19 @@ def _check_out(out: Path, cfg: TrainConfig) -> None:
             raise ScopeError(f"--out {str(out)!r} is a non-empty folder that is not a training run (it has no "
                              f"{CONFIG_COPY}); choose an empty or new folder")
         return
-    if not (out / CHECKPOINT).exists() and (out / CONFIG_COPY).read_text() != _yaml(cfg):
+    if not (out / CHECKPOINT).exists() and not _same_config(out, cfg):
         raise _other_run(out)
+
+
+def _same_config(out: Path, cfg: TrainConfig) -> bool:
+    """Whether the run in ``out`` has ``cfg``, its saved config read with today's defaults: a field that a
+    later scope adds, at its default, leaves a run resumable."""
+    if (out / CONFIG_COPY).read_text() == _yaml(cfg):
+        return True
+    try:
+        return load_config(out / CONFIG_COPY) == cfg
+    except ScopeError:
+        return False
 
 
 def _other_run(out: Path) -> ScopeError:
@@ -472,7 +490,7 @@ def _resume(out: Path, cfg: TrainConfig, runs: list[Trained]) -> int:
     if not isinstance(meta, dict) or "config_hash" not in meta or not isinstance(meta.get("step"), int):
         raise ScopeError(f"{out / CHECKPOINT / 'state.json'} is not a scope training checkpoint (needs step and "
                          f"config_hash); {restart}")
-    if meta["config_hash"] != config_hash(cfg):
+    if meta["config_hash"] != config_hash(cfg) and not ((out / CONFIG_COPY).exists() and _same_config(out, cfg)):
         raise _other_run(out)
     tensors = read_safetensors(out / CHECKPOINT / "state.safetensors", restart)
     try:

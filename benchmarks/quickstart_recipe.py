@@ -1,0 +1,126 @@
+"""Recipes at the quickstart's budget: which JumpReLU options give the fewest dead latents and the most CE recovered.
+
+Captures the quickstart's store (100k tokens of wiki at layer 6, 128-token windows) once, then trains each
+variant with ``scope.quickstart.quickstart_config`` (4,096 latents, 600k token-steps at batch 1,024) with its
+dictionary and trainer options replaced, and evaluates it as the quickstart does (held-out documents, LM loss
+over ``--lm-tokens``). Every variant has its own run folder, so a killed run resumes and a re-run only trains
+and evaluates what is new. The table puts each variant's training wall time beside its quality.
+
+Run:  OMP_NUM_THREADS=1 python benchmarks/quickstart_recipe.py [--out runs/quickstart-recipe] [--only A,B]
+          [--lm-tokens 2048] [--no-eval] [--markdown PATH] [--json]
+A variant whose dictionary is saved is not trained again; delete its folder to retrain it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sweep import EVALS, evaluate_cached, run_study, timed_train, training_time
+
+from scope.data import open_source
+from scope.models import load_model
+from scope.quickstart import HOOK, MODEL, quickstart_config
+from scope.store import ActivationStore
+from scope.store.capture import capture_store
+from scope.training import load_config
+
+@dataclass(frozen=True)
+class Variant:
+    """Dictionary and trainer options laid over quickstart_config's, and the size of the store it trains on."""
+
+    label: str
+    dictionary: dict = field(default_factory=dict)
+    trainer: dict = field(default_factory=dict)
+    tokens: int = 100_000  # the quickstart's store
+
+
+QUADRATIC = {"sparsity_loss": "quadratic", "target_l0": 60, "init_l0": 60, "sparsity_coeff": 0.5,
+             "freq_coeff": 1.0, "freq_max": 0.1, "pre_act_coeff": 1e-5}
+# tanh-old is the recipe the quickstart shipped until 2026-12-03; the rest are the quadratic-penalty candidates
+# (each spells out its options, so a later change to the quickstart's own recipe does not change them).
+VARIANTS = {
+    "tanh-old": Variant("tanh λ 2e-4 (old quickstart)", {
+        "sparsity_loss": "tanh", "tanh_scale": 100, "sparsity_coeff": 2e-4, "init_l0": 64, "target_l0": None,
+        "freq_coeff": 0.0, "aux_coeff": 0.0, "pre_act_coeff": 1e-5}),
+    "quad-aux8": Variant("quadratic, AuxK 1/8", QUADRATIC | {"aux_coeff": 1 / 8}),
+    "quad-aux8-dead1e-4": Variant("quadratic, AuxK 1/8, dead < 1e-4", QUADRATIC | {"aux_coeff": 1 / 8},
+                                  {"dead_frequency": 1e-4}),
+    "quad-aux8-dead3e-4": Variant("quadratic, AuxK 1/8, dead < 3e-4", QUADRATIC | {"aux_coeff": 1 / 8},
+                                  {"dead_frequency": 3e-4}),
+    "quad-aux2-dead3e-4": Variant("quadratic, AuxK 1/2, dead < 3e-4", QUADRATIC | {"aux_coeff": 1 / 2},
+                                  {"dead_frequency": 3e-4}),
+    "quad-aux32": Variant("quadratic, AuxK 1/32", QUADRATIC | {"aux_coeff": 1 / 32}),
+    "quad-aux32-2k": Variant("quadratic, AuxK 1/32, 2,048 latents", QUADRATIC | {"aux_coeff": 1 / 32, "d_sae": 2048}),
+    "quad-aux8-2k": Variant("quadratic, AuxK 1/8, 2,048 latents", QUADRATIC | {"aux_coeff": 1 / 8, "d_sae": 2048}),
+    "quad-aux32-200k": Variant("quadratic, AuxK 1/32, 200k-token store", QUADRATIC | {"aux_coeff": 1 / 32},
+                               tokens=200_000),
+}
+TOKENS = Variant("").tokens
+
+
+def store_path(out: Path, tokens: int) -> str:
+    """The folder of the wiki store with ``tokens`` tokens."""
+    return str(out / ("store" if tokens == TOKENS else f"store-{tokens // 1000}k"))
+
+
+def variant_config(store: str, name: str):
+    """quickstart_config with the variant's options laid over it."""
+    v = VARIANTS[name]
+    data = quickstart_config(store, d_sae=4096, train_tokens=600_000, batch_size=1024).model_dump(exclude_unset=True)
+    data["dictionaries"][0].update(v.dictionary)
+    data["trainer"].update(v.trainer)
+    return load_config(data=data)
+
+
+def table(rows: list[dict]) -> str:
+    """The results as a Markdown table."""
+    lines = ["| variant | recipe | L0 | dead | FVU | delta loss | CE recovered | training |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lm, wall = r["lm"], r["wall_s"]
+        lines.append(f"| {r['variant']} | {r['label']} | {r['l0']:.1f} | {r['dead_fraction']:.1%} | {r['fvu']:.3f} | "
+                     f"{lm['delta_loss']:.3f} | {lm['ce_loss_recovered']:.1%} | "
+                     f"{'resumed' if wall is None else f'{wall:.0f} s'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/quickstart-recipe")
+    ap.add_argument("--only", default=None, help=f"comma-separated variants (default: all): {', '.join(VARIANTS)}")
+    ap.add_argument("--lm-tokens", type=int, default=2048)
+    ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--markdown", default=None, help="also write the table to this file")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    names = list(VARIANTS) if args.only is None else [n.strip() for n in args.only.split(",")]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--only: unknown variant {unknown[0]!r}; the variants are: {', '.join(VARIANTS)}")
+    out = Path(args.out)
+    model = load_model(MODEL)
+    for tokens in sorted({VARIANTS[n].tokens for n in names} | {TOKENS}):  # resumes; a no-op once captured
+        capture_store(model, open_source("wiki"), [HOOK], store_path(out, tokens), tokens, context=128)
+    runs = {}
+    for name in names:
+        cfg = variant_config(store_path(out, VARIANTS[name].tokens), name)
+        done = out / name / "jumprelu"  # a finished variant is not trained again (nor checked against new fields)
+        runs[name] = (cfg, done if (done / "cfg.json").exists() else timed_train(cfg, out / name)["jumprelu"])
+    if args.no_eval:
+        return
+    # Every variant is scored on the quickstart store's held-out documents. The split hashes each document's
+    # id, and a bigger store starts with the same documents, so they are held out of its training rows too.
+    held_out = ActivationStore(store_path(out, TOKENS)).split(0.1, seed=0)[1]
+    cache = evaluate_cached(out / EVALS, {n: p for n, (_, p) in runs.items()}, held_out, args.lm_tokens)
+    rows = [{**cache[n], "variant": n, "label": VARIANTS[n].label, **training_time(cfg, out / n)}
+            for n, (cfg, _) in runs.items()]
+    if args.markdown:
+        Path(args.markdown).write_text(table(rows) + "\n")
+    print(json.dumps(rows, indent=1) if args.json else table(rows))
+
+
+if __name__ == "__main__":
+    run_study(main)
