@@ -9,7 +9,7 @@ passes, and cached, so a re-run evaluates only what is new. Writes the final tab
 and two plotly figures: delta loss against token-steps, and delta loss against L0 at the end.
 
 Run:  python benchmarks/sae_quality.py [--config sae_configs/gemma-3-270m-res-l6-quality-10m-4k.yaml]
-          [--out runs/quality-10m] [--lm-tokens 16384] [--markdown PATH] [--figures DIR] [--no-train] [--json]
+          [--out runs/quality-10m] [--lm-tokens 16384] [--curve-lm-tokens N] [--markdown PATH] [--figures DIR] [--no-train] [--json]
           [--only NAME,NAME --no-eval]
 The run folder resumes after a kill (re-run the same command). ``--no-train`` evaluates the snapshots
 that exist so far without training further (a study split across sessions can report where it is).
@@ -68,10 +68,14 @@ def dictionaries_by_step(out: Path, names: list[str], total_steps: int) -> dict[
     return found
 
 
-def evaluate_new(out: Path, found: dict[int, dict[str, Path]], held_out: ActivationStore, lm_tokens: int) -> dict:
-    """Evaluate every (step, dictionary) not in the cache, all in one pass; return the whole cache."""
-    return evaluate_cached(out / EVALS, {f"{n}@{s}": p for s, saved in found.items() for n, p in saved.items()},
-                           held_out, lm_tokens)
+def evaluate_new(out: Path, found: dict[int, dict[str, Path]], held_out: ActivationStore, lm_tokens: int,
+                 curve_lm_tokens: int, final_step: int) -> dict:
+    """Evaluate every (step, dictionary) not in the cache: the final dictionaries with ``lm_tokens``, the snapshots
+    along the way with ``curve_lm_tokens``; return the whole cache."""
+    def named(steps):
+        return {f"{n}@{s}": p for s in steps for n, p in found[s].items()}
+    evaluate_cached(out / EVALS, named([s for s in found if s != final_step]), held_out, curve_lm_tokens)
+    return evaluate_cached(out / EVALS, named([s for s in found if s == final_step]), held_out, lm_tokens)
 
 
 def figures(cache: dict, names: list[str], batch_size: int, final_step: int) -> dict[str, go.Figure]:
@@ -112,6 +116,8 @@ def main() -> None:
     ap = sweep_parser(__doc__.splitlines()[0], "sae_configs/gemma-3-270m-res-l6-quality-10m-4k.yaml",
                       "runs/quality-10m")
     ap.add_argument("--lm-tokens", type=int, default=16384)
+    ap.add_argument("--curve-lm-tokens", type=int, default=None,
+                    help="LM tokens for the snapshots along the way (default: --lm-tokens; fewer is cheaper, noisier)")
     ap.add_argument("--figures", default=None, help="also copy the figures' HTML into this folder (e.g. docs/figures)")
     ap.add_argument("--no-train", action="store_true", help="evaluate the snapshots so far; do not train")
     ap.add_argument("--only", default=None, help="train only these dictionaries (comma-separated), in OUT/parts/")
@@ -133,7 +139,8 @@ def main() -> None:
         cfg = load_config(args.config)
     names = [d.label() for d in cfg.dictionaries]
     total_steps = cfg.trainer.total_tokens // cfg.trainer.batch_size
-    cache = evaluate_new(out, dictionaries_by_step(out, names, total_steps), held_out, args.lm_tokens)
+    cache = evaluate_new(out, dictionaries_by_step(out, names, total_steps), held_out, args.lm_tokens,
+                         args.curve_lm_tokens or args.lm_tokens, total_steps)
     last = max((int(k.rsplit("@", 1)[1]) for k in cache), default=0)
     final = [cache[f"{n}@{last}"] for n in names if f"{n}@{last}" in cache]
     written = write_results(str(out), "quality.json", {"final_step": last, "results": final, "all": cache},

@@ -379,3 +379,18 @@ def test_the_firing_record_always_holds_the_whole_dead_window(window):
             if window * batch * frequency >= 1:
                 mask = run.dead_mask(frequency)
                 assert mask is not None and not mask[0] and mask[1:].all()
+
+
+def test_threshold_lr_gives_jumprelu_thresholds_their_own_learning_rate(synth, tmp_path):
+    # With Adam's β1 = 0 a parameter moves by about its learning rate per step whatever its gradient, so after the
+    # same steps from the same θ (threshold_init, no init_l0) the largest move of θ scales with θ's learning rate.
+    def theta_move(threshold_lr):
+        cfg = _cfg(synth, steps=3)
+        cfg["dictionaries"] = [{"kind": "jumprelu", "d_sae": 64, "sparsity_coeff": 0.01, "threshold_lr": threshold_lr}]
+        saved = train(load_config(data=cfg), tmp_path / f"run-{threshold_lr}", progress=False)
+        sae = load(saved["jumprelu-64-l0.01"])
+        return (sae.threshold - sae.cfg.threshold_init).abs().max().item()
+
+    own, shared = theta_move(3e-5), theta_move(None)
+    assert shared > 1e-3, "θ trains at the dictionary's lr (3e-3) by default"
+    assert 0.5 < (own / shared) / (3e-5 / 3e-3) < 2, (own, shared)

@@ -50,7 +50,7 @@ def quickstart(
     out: Annotated[str, typer.Option(help="Folder for everything the quickstart writes.")] = "scope-out",
     tokens: Annotated[int, typer.Option(help="Tokens of text to capture.")] = 100_000,
     corpus: Annotated[str, typer.Option(help="Bundled corpus.")] = "wiki",
-    d_sae: Annotated[int, typer.Option(help="Latents of the JumpReLU SAE.")] = 4096,
+    d_sae: Annotated[int, typer.Option(help="Latents of the JumpReLU SAE.")] = 2048,
     train_tokens: Annotated[int, typer.Option(help="Training length in token-steps.")] = 600_000,
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 1024,
     lm_tokens: Annotated[int, typer.Option(help="Held-out tokens for the spliced-in LM loss.")] = 1024,

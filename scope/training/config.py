@@ -58,6 +58,8 @@ class DictSpec(_Strict):
     redraw_cos: float = Field(0.9, gt=0, le=1, description="cosine similarity that makes two atoms duplicates (icfl)")
     whitening: WhiteningSpec | None = Field(None, description="PCA-whiten inputs against a control set first")
     lr: float | None = Field(None, gt=0, description="overrides trainer.lr for this dictionary")
+    threshold_lr: float | None = Field(
+        None, gt=0, description="jumprelu: θ's own learning rate (default: the dictionary's lr); scaled by the schedule")
     adam_betas: tuple[float, float] | None = Field(None, description="overrides trainer.adam_betas for this dictionary")
     apply_b_dec_to_input: bool | None = Field(None, description="subtract b_dec before encoding (default: per kind)")
 

@@ -302,7 +302,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
         sae.to(device)
         if spec.init_l0 is not None:
             sae.init_thresholds(own.sample, spec.init_l0)
-        opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=spec.lr or t.lr,
+        opt = torch.optim.Adam(_param_groups(sae, spec.lr or t.lr, spec.threshold_lr), lr=spec.lr or t.lr,
                                betas=spec.adam_betas or t.adam_betas)
         runs.append(Trained(spec, sae, opt, torch.zeros(DEAD_BLOCKS + 1, spec.d_sae, dtype=torch.long,
                                                               device=device),
@@ -330,7 +330,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
         prepared: dict[str, torch.Tensor] = {}  # dictionaries with the same whitening share its output
         for run in runs:
             for group in run.opt.param_groups:
-                group["lr"] = (run.spec.lr or t.lr) * lr_mult
+                group["lr"] = group["base_lr"] * lr_mult
             key = run.spec.whitening.model_dump_json() if run.spec.whitening else ""
             if key not in prepared:
                 with torch.no_grad():
@@ -466,6 +466,20 @@ def _check_out(out: Path, cfg: TrainConfig) -> None:
         return
     if not (out / CHECKPOINT).exists() and not _same_config(out, cfg):
         raise _other_run(out)
+
+
+def _param_groups(sae: Dictionary, lr: float, threshold_lr: float | None) -> list[dict]:
+    """Adam's parameter groups, each with the ``base_lr`` the schedule scales: a JumpReLU's θ gets its own when set.
+
+    With Adam and β1 = 0 every parameter moves by about its learning rate per step whatever its gradient's
+    size, and θ is small (~0.015 on Gemma 3 270M in training units), so at lr 1e-3 each step can move it by 7 %
+    (docs/methods/jumprelu.md, the 10M study)."""
+    trainable = [p for p in sae.parameters() if p.requires_grad]
+    theta = getattr(sae, "threshold", None)  # a BatchTopK's threshold is a buffer, not trained
+    if not threshold_lr or not isinstance(theta, torch.nn.Parameter):
+        return [{"params": trainable, "base_lr": lr}]
+    return [{"params": [p for p in trainable if p is not theta], "base_lr": lr},
+            {"params": [theta], "base_lr": threshold_lr}]
 
 
 def _same_config(out: Path, cfg: TrainConfig) -> bool:
