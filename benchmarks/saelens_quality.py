@@ -116,7 +116,8 @@ SAME_L0 = 0.25  # L0s within 25 % of each other count as "the same L0" (delta lo
 
 def verdict(rows: list[dict]) -> dict:
     """Issue 20's two bars, per SAELens recipe: lower delta loss than SAELens at the same budget and L0, and
-    SAELens's final delta loss reached in at most a third of its wall time. Neither is judged across unlike L0s."""
+    SAELens's final delta loss reached in at most a third of its wall time. Neither is judged across unlike L0s,
+    except where scope is both sparser and lower in delta loss (it dominates)."""
     scope = next(r for r in rows if r["trainer"] == "scope")
     out = {}
     for r in rows:
@@ -125,13 +126,16 @@ def verdict(rows: list[dict]) -> dict:
         d_s, d_l = scope["lm"]["delta_loss"], r["lm"]["delta_loss"]
         ratio = scope["wall_s"] / r["wall_s"] if scope["wall_s"] and r["wall_s"] else None
         same_l0 = abs(scope["l0"] - r["l0"]) <= SAME_L0 * max(scope["l0"], r["l0"])
+        # Sparser and lower delta: delta loss falls as L0 grows, so scope at SAELens's L0 would be lower still.
+        dominates = d_s < d_l and scope["l0"] <= r["l0"]
+        judged = same_l0 or dominates
         out[r["recipe"]] = {"delta_scope": d_s, "delta_saelens": d_l, "l0_scope": scope["l0"], "l0_saelens": r["l0"],
-                            "same_l0": same_l0, "wall_ratio": ratio,
-                            "scope_lower_delta": d_s < d_l if same_l0 else None,
+                            "same_l0": same_l0, "scope_dominates": dominates, "wall_ratio": ratio,
+                            "scope_lower_delta": d_s < d_l if judged else None,
                             # scope's final delta at or below SAELens's means it reached SAELens's final delta
                             # within its own wall time, which is the bar when that is at most a third of SAELens's
                             "a_third_of_the_time": bool(ratio is not None and d_s <= d_l and ratio <= 1 / 3)
-                            if same_l0 else None}
+                            if judged else None}
     return out
 
 
