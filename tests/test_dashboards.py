@@ -544,7 +544,12 @@ def test_scope_dashboard_errors_are_one_line(small_store, trained, tmp_path):
 
 
 def test_quickstart_refuses_bad_dashboard_input_before_any_work(tmp_path):
-    for args, message in [(["--dashboard-features", "0:5000"], "reaches past the dictionary's 4096 features"),
+    import inspect
+
+    from scope.quickstart import run_quickstart
+
+    width = inspect.signature(run_quickstart).parameters["d_sae"].default
+    for args, message in [(["--dashboard-features", f"0:{width + 1}"], f"reaches past the dictionary's {width} features"),
                           (["--dashboard-rows", "0"], "--dashboard-rows must be positive, got 0")]:
         result = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path / "qs"), *args])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
