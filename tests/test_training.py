@@ -394,3 +394,10 @@ def test_threshold_lr_gives_jumprelu_thresholds_their_own_learning_rate(synth, t
     own, shared = theta_move(3e-5), theta_move(None)
     assert shared > 1e-3, "θ trains at the dictionary's lr (3e-3) by default"
     assert 0.5 < (own / shared) / (3e-5 / 3e-3) < 2, (own, shared)
+
+
+def test_threshold_lr_on_a_dictionary_without_trained_thresholds_is_refused(synth, tmp_path):
+    cfg = _cfg(synth, steps=2)
+    cfg["dictionaries"] = [{"kind": "topk", "d_sae": 64, "k": 4, "threshold_lr": 1e-4}]
+    with pytest.raises(ScopeError, match="'topk-64-k4': threshold_lr .* topk dictionary has none"):
+        train(load_config(data=cfg), tmp_path / "run", progress=False)

@@ -302,7 +302,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
         sae.to(device)
         if spec.init_l0 is not None:
             sae.init_thresholds(own.sample, spec.init_l0)
-        opt = torch.optim.Adam(_param_groups(sae, spec.lr or t.lr, spec.threshold_lr), lr=spec.lr or t.lr,
+        opt = torch.optim.Adam(_param_groups(sae, spec, spec.lr or t.lr), lr=spec.lr or t.lr,
                                betas=spec.adam_betas or t.adam_betas)
         runs.append(Trained(spec, sae, opt, torch.zeros(DEAD_BLOCKS + 1, spec.d_sae, dtype=torch.long,
                                                               device=device),
@@ -468,18 +468,21 @@ def _check_out(out: Path, cfg: TrainConfig) -> None:
         raise _other_run(out)
 
 
-def _param_groups(sae: Dictionary, lr: float, threshold_lr: float | None) -> list[dict]:
+def _param_groups(sae: Dictionary, spec: DictSpec, lr: float) -> list[dict]:
     """Adam's parameter groups, each with the ``base_lr`` the schedule scales: a JumpReLU's θ gets its own when set.
 
     With Adam and β1 = 0 every parameter moves by about its learning rate per step whatever its gradient's
     size, and θ is small (~0.015 on Gemma 3 270M in training units), so at lr 1e-3 each step can move it by 7 %
     (docs/methods/jumprelu.md, the 10M study)."""
     trainable = [p for p in sae.parameters() if p.requires_grad]
-    theta = getattr(sae, "threshold", None)  # a BatchTopK's threshold is a buffer, not trained
-    if not threshold_lr or not isinstance(theta, torch.nn.Parameter):
+    if not spec.threshold_lr:
         return [{"params": trainable, "base_lr": lr}]
+    theta = getattr(sae, "threshold", None)  # a BatchTopK's threshold is a buffer, not trained
+    if not isinstance(theta, torch.nn.Parameter):
+        raise ScopeError(f"dictionary {spec.label()!r}: threshold_lr sets the learning rate of trained JumpReLU "
+                         f"thresholds, and a {spec.kind} dictionary has none; remove threshold_lr")
     return [{"params": [p for p in trainable if p is not theta], "base_lr": lr},
-            {"params": [theta], "base_lr": threshold_lr}]
+            {"params": [theta], "base_lr": spec.threshold_lr}]
 
 
 def _same_config(out: Path, cfg: TrainConfig) -> bool:
