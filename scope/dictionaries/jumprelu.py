@@ -46,7 +46,7 @@ from scope.dictionaries.auxk import aux_loss
 from scope.dictionaries.base import Dictionary, DictionaryConfig
 from scope.dictionaries.losses import LossParts
 from scope.dictionaries.matryoshka import dense_reconstruction, prefix_ends, sparse_reconstruction
-from scope.dictionaries.sparse import GatheredPre, pairs
+from scope.dictionaries.sparse import GatheredPre, encode_pairs
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -215,15 +215,18 @@ class JumpReLU(Dictionary):
         if not sparse:
             return self._dense_loss(x, sparsity_coeff, dead, target)
         eps = self.cfg.bandwidth
-        xs, _, xin, pre = self.gathered_inputs(x)  # no shift into GatheredPre: b_dec learns only as a decoder bias
+        xs = x.to(self.W_enc.dtype) * self.input_scale
+        xin = (xs - self.b_dec if self.cfg.apply_b_dec_to_input else xs).detach()  # b_dec: decoder bias only
         theta = self.threshold.float()
-        with torch.no_grad():
-            # Active codes plus the kernel window below θ, where θ's pseudo-derivative lives:
-            # (z > θ) or |z − θ| ≤ ε/2  is  z ≥ θ − ε/2, one pass over the array.
-            rows, cols = pairs(pre >= theta - eps / 2)
-        if rows.numel() > DENSE_ABOVE * pre.numel():  # early in training: dense products are cheaper
+        # Active codes plus the kernel window below θ, where θ's pseudo-derivative lives:
+        # (z > θ) or |z − θ| ≤ ε/2  is  z ≥ θ − ε/2.
+        dead_cols = dead.nonzero().squeeze(1) if self._aux_on(dead) else None
+        enc = encode_pairs(xin, self.W_enc, self.b_enc, theta - eps / 2, dead_cols,
+                           max_pairs=int(DENSE_ABOVE * x.shape[0] * self.cfg.d_sae))
+        if enc is None:  # early in training: dense products are cheaper
             return self._dense_loss(x, sparsity_coeff, dead, target)
-        z = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, rows, cols, None)
+        rows, cols = enc.rows, enc.cols
+        z = GatheredPre.apply(xin, self.W_enc, self.b_enc, enc.values, rows, cols, None)
         th = theta[cols]
         f = JumpReLUFn.apply(z, th, eps)
         rec = sparse_reconstruction(xs if target is None else target, f, self.W_dec, self.b_dec, rows, cols,
@@ -231,8 +234,8 @@ class JumpReLU(Dictionary):
         sparsity, freq = self._sparsity(f, z, th, self.W_dec.norm(dim=1)[cols], x.shape[0], cols)
         active = z.detach() > th
         counts = torch.bincount(cols[active], minlength=self.cfg.d_sae)
-        aux = self._aux(pre, rec.err, dead,
-                        lambda r, c: (GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, r, c, None), r, c))
+        aux = self._aux(enc.columns, rec.err, dead,
+                        lambda r, c, v: GatheredPre.apply(xin, self.W_enc, self.b_enc, v, r, c, None))
         loss = rec.loss + sparsity_coeff * sparsity + freq + self._pre_act(xin, dead)
         return LossParts(loss=loss if aux is None else loss + self.cfg.aux_coeff * aux, mse=rec.mse,
                          l0=active.sum() / x.shape[0], counts=counts, aux=aux)

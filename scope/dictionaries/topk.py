@@ -116,12 +116,11 @@ class TopK(Dictionary):
         xs, shift, xin, pre = self.gathered_inputs(x)
         with torch.no_grad():
             rows, cols = self._selected_pairs(pre)
-        f = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, rows, cols, shift)
+        f = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre[rows, cols], rows, cols, shift)
         rec = sparse_reconstruction(xs if target is None else target, f, self.W_dec, self.b_dec, rows, cols, self.prefix_ends)
         counts = torch.bincount(cols, minlength=self.cfg.d_sae)
         self._track(counts > 0, x.shape[0], f.detach())
-        aux = self._aux_loss(pre, rec.err,
-                             lambda r, c: (GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, r, c, shift), r, c))
+        aux = self._aux_loss(pre, rec.err, lambda r, c, v: GatheredPre.apply(xin, self.W_enc, self.b_enc, v, r, c, shift))
         total = rec.loss if aux is None else rec.loss + self.cfg.aux_coeff * aux
         return LossParts(loss=total, mse=rec.mse, l0=torch.tensor(len(rows) / x.shape[0]), counts=counts, aux=aux)
 
@@ -157,4 +156,6 @@ class TopK(Dictionary):
     def _aux_loss(self, pre: torch.Tensor, err: torch.Tensor, gather: Gather | None = None) -> torch.Tensor | None:
         """AuxK over the latents that have not fired for ``dead_after_tokens`` rows."""
         dead = self.tokens_since_fired > self.cfg.dead_after_tokens
+        if gather is not None and bool(dead.any()):
+            pre = pre.index_select(1, dead.nonzero().squeeze(1))  # the sparse path ranks the dead columns alone
         return aux_loss(pre, err, dead, self.cfg.aux_k or self.cfg.d_in // 2, self.W_dec, gather)
