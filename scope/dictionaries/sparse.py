@@ -119,7 +119,7 @@ def encode_pairs(xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, fl
     """
     shifted = floor.float() - b_enc.float()
     rows, cols, values, columns, found = [], [], [], [], 0
-    step = BLOCK_ROWS if xin.device.type == "cpu" else xin.shape[0]
+    step = BLOCK_ROWS if xin.device.type == "cpu" else max(1, xin.shape[0])
     for start in range(0, xin.shape[0], step):
         block = (xin[start:start + step] @ W_enc).float()
         idx = (block >= shifted).nonzero()
