@@ -163,6 +163,24 @@ def test_pre_activation_loss_pulls_only_dead_latents_towards_firing():
     assert (d.threshold.grad[:8] == 0).all() and (d.W_enc.grad[:, :8] == 0).all()
 
 
+def test_pre_activation_loss_on_the_threshold_alone_leaves_the_encoder_to_the_other_losses():
+    torch.manual_seed(0)
+    grads = {}
+    for on in ("all", "threshold"):
+        d = build({"kind": "jumprelu", "d_in": 16, "d_sae": 64, "pre_act_coeff": 1.0, "threshold_init": 0.5,
+                   "pre_act_on": on})
+        with torch.no_grad():
+            d.threshold[:8] = 100.0
+        dead = torch.arange(64) < 8
+        x = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
+        d.zero_grad()
+        d.loss(x, 0.0, sparse=False, dead=dead).loss.backward()
+        grads[on] = (d.threshold.grad[:8].clone(), d.W_enc.grad[:, :8].abs().sum(), d.b_enc.grad[:8].abs().sum())
+    torch.testing.assert_close(grads["threshold"][0], grads["all"][0])  # θ is pulled down as before
+    assert grads["all"][1] > 0 and grads["all"][2] > 0, "Anthropic's form lifts the dead latents' encoders too"
+    assert grads["threshold"][1] == 0 and grads["threshold"][2] == 0
+
+
 @pytest.mark.parametrize("kind,extra", [("jumprelu", {}), ("topk", {"k": 8}), ("relu", {})])
 def test_fold_input_scale_gives_identical_outputs_and_save_load_round_trips(tmp_path, kind, extra):
     d = build({"kind": kind, "d_in": 16, "d_sae": 48, **extra})

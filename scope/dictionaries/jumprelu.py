@@ -104,6 +104,8 @@ class JumpReLUConfig(DictionaryConfig):
     tanh_scale: float = 4.0  # c
     target_l0: float | None = None  # the L0 the quadratic penalty pulls towards
     pre_act_coeff: float = 0.0  # λ_P of the pre-activation loss on dead latents (0: off, as in Gemma Scope)
+    # What it moves: "all" (θ, W_enc and b_enc of the dead latents, as Anthropic's) or "threshold" (θ alone)
+    pre_act_on: Literal["all", "threshold"] = "all"
     freq_coeff: float = 0.0  # λ_f of the frequency penalty (0: off)
     freq_max: float = 0.1  # p_max: firing fraction above which a latent is penalised
     matryoshka_widths: list[int] | None = None  # nested prefixes that must each reconstruct x
@@ -178,11 +180,20 @@ class JumpReLU(Dictionary):
     def _pre_act(self, xin: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor | float:
         """λ_P · Σ over dead latents of ReLU(θᵢ − zᵢ)‖W_dec,ᵢ‖, per row: pulls latents that stopped firing back
         towards their thresholds (Conerly et al., Anthropic circuits update, January 2025). Only the
-        encoder and θ of those latents move; the input is detached so b_dec is left alone."""
+        encoder and θ of those latents move (θ alone with ``pre_act_on="threshold"``); the input is detached
+        so b_dec is left alone.
+
+        Why θ alone: a dead latent's encoder gets no other gradient but AuxK's, and Adam moves each of its
+        parameters by about the learning rate per step whatever λ_P is. At lr 1e-3 b_enc then rose past θ by
+        more than the pre-activations' spread before the firing record counted the latent alive, and in
+        the 10M study 350 latents came back within 20 steps firing on most rows (L0 60 -> 344). Lowering θ,
+        at its own slower learning rate, lets a latent fire again first on the rows it matches best."""
         if dead is None or self.cfg.pre_act_coeff == 0 or not bool(dead.any()):
             return 0.0
         idx = dead.nonzero().squeeze(1)
         z = xin.detach() @ self.W_enc[:, idx] + self.b_enc[idx]
+        if self.cfg.pre_act_on == "threshold":
+            z = z.detach()
         gap = torch.relu(self.threshold[idx].to(z.dtype) - z) * self.W_dec[idx].norm(dim=1)
         return self.cfg.pre_act_coeff * gap.sum(-1).mean()
 
