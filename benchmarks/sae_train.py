@@ -6,9 +6,9 @@ What it measures, per dtype (float32, and bf16 autocast with float32 parameters)
   statistics, backward, grad-norm clip 1.0, Adam), run by benchmarks/saelens_train_side.py under the SAELens
   venv's python. bf16 uses SAELens's own switch, ``SAETrainerConfig.autocast=True``.
 * scope sparse — ``JumpReLU.loss(x, λ)`` with the sparse kernels (the default), then the inner step of
-  ``scope.training.trainer.train``: backward, ``remove_parallel_decoder_grad``, Adam(β=(0, 0.999)),
-  ``project()`` (unit-norm decoder rows, θ ≥ 1e-6), firing record. bf16: ``torch.autocast(bfloat16)`` as
-  the trainer does for ``dtype: bfloat16``.
+  ``scope.training.trainer.train``: backward, ``remove_parallel_decoder_grad``, the trainer's fused Adam
+  (β = (0, 0.999)), ``project()`` (unit-norm decoder rows, θ ≥ 1e-6), firing record. bf16:
+  ``torch.autocast(bfloat16)`` as the trainer does for ``dtype: bfloat16``.
 * scope eager — the same step with the plain dense path, ``loss(x, λ, sparse=False)``.
 * bare matmuls — the five dense products of one step with plain ``torch.matmul`` on random tensors of the
   same shapes and dtype: x@W_enc [B×d_in×d_sae], f@W_dec, and the backward products grad_x̂@W_decᵀ,
@@ -177,6 +177,7 @@ def _var(x: torch.Tensor) -> float:
 def worker_scope(job: dict) -> dict:
     """scope's JumpReLU with the trainer's inner step, on the rows of job['data']."""
     from scope.dictionaries.jumprelu import JumpReLU, JumpReLUConfig
+    from scope.training.trainer import adam
 
     device = torch.device(job["device"])
     data = load_file(job["data"])
@@ -191,7 +192,7 @@ def worker_scope(job: dict) -> dict:
             getattr(sae, k).copy_(data[f"init.{k}"])
         sae.input_scale.copy_(c)
     sae.to(device)
-    opt = torch.optim.Adam(sae.parameters(), lr=job["lr"], betas=(0.0, 0.999))
+    opt = adam(sae.parameters(), job["lr"], (0.0, 0.999))
     last_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     times, last = [], {}

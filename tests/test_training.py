@@ -91,6 +91,8 @@ def test_topk_and_batchtopk_select_k_per_row_or_per_batch():
     {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 2.0},
     {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 2.0, "apply_b_dec_to_input": True},
     {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 2.0, "sparsity_loss": "tanh", "pre_act_coeff": 0.01},
+    {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 2.0, "apply_b_dec_to_input": True, "aux_coeff": 0.1,
+     "matryoshka_widths": [64]},
     {"kind": "topk", "k": 8}, {"kind": "topk", "k": 8, "selection": "batch"},
     {"kind": "topk", "k": 8, "selection": "statistical"}, {"kind": "topk", "k": 8, "dead_after_tokens": 0}])
 def test_sparse_kernels_give_the_plain_path_loss_and_gradients(cfg):
@@ -100,13 +102,15 @@ def test_sparse_kernels_give_the_plain_path_loss_and_gradients(cfg):
         d.input_scale.fill_(0.5)
         d.b_enc.normal_(0, 0.05)
         d.b_dec.normal_(0, 0.1)
-    x = torch.randn(64, 32) * 2
+    # JumpReLU: more rows than one block of its sparse encoder (sparse.BLOCK_ROWS), and a part block. TopK: few
+    # enough rows that with dead_after_tokens=0 some latents do not fire in the batch and AuxK has dead latents.
+    x = torch.randn(600 if cfg["kind"] == "jumprelu" else 64, 32) * 2
     results = []
     for sparse in (False, True):
         d.zero_grad()
         if cfg["kind"] == "topk":
             d.tokens_since_fired.fill_(1)  # with dead_after_tokens=0 every latent not firing now is dead: AuxK runs
-        dead = torch.arange(256) % 3 == 0 if cfg.get("pre_act_coeff") else None
+        dead = torch.arange(256) % 3 == 0 if cfg.get("pre_act_coeff") or cfg.get("aux_coeff") else None
         parts = d.loss(x, 0.3, sparse=sparse, **({"dead": dead} if dead is not None else {}))
         parts.loss.backward()
         results.append((parts, {k: p.grad.clone() for k, p in d.named_parameters()}))
@@ -115,7 +119,7 @@ def test_sparse_kernels_give_the_plain_path_loss_and_gradients(cfg):
     assert float(plain.l0) > 0, "some latents are active, so the comparison is not vacuous"
     torch.testing.assert_close(fast.loss, plain.loss, rtol=1e-5, atol=1e-6)
     assert torch.equal(fast.fired, plain.fired) and float(fast.l0) == float(plain.l0)
-    if cfg.get("dead_after_tokens") == 0:
+    if cfg.get("dead_after_tokens") == 0 or cfg.get("aux_coeff"):
         assert plain.aux is not None and fast.aux is not None
     for k in g_plain:
         torch.testing.assert_close(g_fast[k], g_plain[k], rtol=1e-5, atol=1e-6 * g_plain[k].abs().max())
@@ -157,6 +161,24 @@ def test_pre_activation_loss_pulls_only_dead_latents_towards_firing():
     d.zero_grad()
     base.backward()
     assert (d.threshold.grad[:8] == 0).all() and (d.W_enc.grad[:, :8] == 0).all()
+
+
+def test_pre_activation_loss_on_the_threshold_alone_leaves_the_encoder_to_the_other_losses():
+    torch.manual_seed(0)
+    grads = {}
+    for on in ("all", "threshold"):
+        d = build({"kind": "jumprelu", "d_in": 16, "d_sae": 64, "pre_act_coeff": 1.0, "threshold_init": 0.5,
+                   "pre_act_on": on})
+        with torch.no_grad():
+            d.threshold[:8] = 100.0
+        dead = torch.arange(64) < 8
+        x = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
+        d.zero_grad()
+        d.loss(x, 0.0, sparse=False, dead=dead).loss.backward()
+        grads[on] = (d.threshold.grad[:8].clone(), d.W_enc.grad[:, :8].abs().sum(), d.b_enc.grad[:8].abs().sum())
+    torch.testing.assert_close(grads["threshold"][0], grads["all"][0])  # θ is pulled down as before
+    assert grads["all"][1] > 0 and grads["all"][2] > 0, "Anthropic's form lifts the dead latents' encoders too"
+    assert grads["threshold"][1] == 0 and grads["threshold"][2] == 0
 
 
 @pytest.mark.parametrize("kind,extra", [("jumprelu", {}), ("topk", {"k": 8}), ("relu", {})])

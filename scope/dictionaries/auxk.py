@@ -15,16 +15,17 @@ import torch
 
 from scope.dictionaries.sparse import SparseDecode
 
-# (rows, cols) of the dead pairs to use -> (their pre-activations with gradient, rows, cols)
-Gather = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# (rows, cols, pre-activations) of the dead pairs to use -> those pre-activations with their gradient
+Gather = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def aux_loss(pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor, k_aux: int, W_dec: torch.Tensor,
              gather: Gather | None = None) -> torch.Tensor | None:
     """Normalised error of reconstructing ``err`` from the top ``k_aux`` ReLU'd dead pre-activations per row.
 
-    ``pre`` [batch, d_sae] carries the gradient on the plain path; on the sparse path it is detached and
-    ``gather`` recomputes the chosen pairs with their gradient. None when no latent is dead.
+    On the plain path ``pre`` is [batch, d_sae] and carries the gradient. On the sparse path it is the dead
+    columns' pre-activations alone, [batch, dead.sum()] without gradient, and ``gather`` recomputes the chosen
+    pairs with their gradient. None when no latent is dead.
     """
     n_dead = int(dead.sum())
     if n_dead == 0:
@@ -41,10 +42,12 @@ def aux_loss(pre: torch.Tensor, err: torch.Tensor, dead: torch.Tensor, k_aux: in
             # Top-k over the dead columns only: masking and ranking all d_sae columns cost more than the
             # rest of the step once a few per cent of the latents are dead.
             dead_cols = dead.nonzero().squeeze(1)  # ascending, so sorted positions keep the pairs row-major
-            vals, idx = torch.relu(pre.index_select(1, dead_cols)).topk(k_aux, dim=-1, sorted=False)
+            vals, idx = torch.relu(pre).topk(k_aux, dim=-1, sorted=False)
             idx, order = idx.sort(-1)
-            keep = vals.gather(-1, order).reshape(-1) > 0  # a row with fewer positive dead entries than k_aux
+            vals = vals.gather(-1, order).reshape(-1)
+            keep = vals > 0  # a row with fewer positive dead entries than k_aux
             rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k_aux)[keep]
-        z, r, c = gather(rows, dead_cols[idx.reshape(-1)[keep]])
-        aux_recon = SparseDecode.apply(torch.relu(z), W_dec, r, c, pre.shape[0])
+            cols = dead_cols[idx.reshape(-1)[keep]]
+        z = gather(rows, cols, vals[keep])
+        aux_recon = SparseDecode.apply(torch.relu(z), W_dec, rows, cols, pre.shape[0])
     return (residual - aux_recon).pow(2).sum(-1).mean() / scale

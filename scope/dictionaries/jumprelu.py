@@ -46,7 +46,7 @@ from scope.dictionaries.auxk import aux_loss
 from scope.dictionaries.base import Dictionary, DictionaryConfig
 from scope.dictionaries.losses import LossParts
 from scope.dictionaries.matryoshka import dense_reconstruction, prefix_ends, sparse_reconstruction
-from scope.dictionaries.sparse import GatheredPre, pairs
+from scope.dictionaries.sparse import GatheredPre, encode_pairs
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -104,6 +104,8 @@ class JumpReLUConfig(DictionaryConfig):
     tanh_scale: float = 4.0  # c
     target_l0: float | None = None  # the L0 the quadratic penalty pulls towards
     pre_act_coeff: float = 0.0  # λ_P of the pre-activation loss on dead latents (0: off, as in Gemma Scope)
+    # What it moves: "all" (θ, W_enc and b_enc of the dead latents, as Anthropic's) or "threshold" (θ alone)
+    pre_act_on: Literal["all", "threshold"] = "all"
     freq_coeff: float = 0.0  # λ_f of the frequency penalty (0: off)
     freq_max: float = 0.1  # p_max: firing fraction above which a latent is penalised
     matryoshka_widths: list[int] | None = None  # nested prefixes that must each reconstruct x
@@ -178,11 +180,20 @@ class JumpReLU(Dictionary):
     def _pre_act(self, xin: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor | float:
         """λ_P · Σ over dead latents of ReLU(θᵢ − zᵢ)‖W_dec,ᵢ‖, per row: pulls latents that stopped firing back
         towards their thresholds (Conerly et al., Anthropic circuits update, January 2025). Only the
-        encoder and θ of those latents move; the input is detached so b_dec is left alone."""
+        encoder and θ of those latents move (θ alone with ``pre_act_on="threshold"``); the input is detached
+        so b_dec is left alone.
+
+        Why θ alone: a dead latent's encoder gets no other gradient but AuxK's, and Adam moves each of its
+        parameters by about the learning rate per step whatever λ_P is. At lr 1e-3 b_enc then rose past θ by
+        more than the pre-activations' spread before the firing record counted the latent alive, and in
+        the 10M study 350 latents came back within 20 steps firing on most rows (L0 60 -> 344). Lowering θ,
+        at its own slower learning rate, lets a latent fire again first on the rows it matches best."""
         if dead is None or self.cfg.pre_act_coeff == 0 or not bool(dead.any()):
             return 0.0
         idx = dead.nonzero().squeeze(1)
         z = xin.detach() @ self.W_enc[:, idx] + self.b_enc[idx]
+        if self.cfg.pre_act_on == "threshold":
+            z = z.detach()
         gap = torch.relu(self.threshold[idx].to(z.dtype) - z) * self.W_dec[idx].norm(dim=1)
         return self.cfg.pre_act_coeff * gap.sum(-1).mean()
 
@@ -215,15 +226,18 @@ class JumpReLU(Dictionary):
         if not sparse:
             return self._dense_loss(x, sparsity_coeff, dead, target)
         eps = self.cfg.bandwidth
-        xs, _, xin, pre = self.gathered_inputs(x)  # no shift into GatheredPre: b_dec learns only as a decoder bias
+        xs = x.to(self.W_enc.dtype) * self.input_scale
+        xin = (xs - self.b_dec if self.cfg.apply_b_dec_to_input else xs).detach()  # b_dec: decoder bias only
         theta = self.threshold.float()
-        with torch.no_grad():
-            # Active codes plus the kernel window below θ, where θ's pseudo-derivative lives:
-            # (z > θ) or |z − θ| ≤ ε/2  is  z ≥ θ − ε/2, one pass over the array.
-            rows, cols = pairs(pre >= theta - eps / 2)
-        if rows.numel() > DENSE_ABOVE * pre.numel():  # early in training: dense products are cheaper
+        # Active codes plus the kernel window below θ, where θ's pseudo-derivative lives:
+        # (z > θ) or |z − θ| ≤ ε/2  is  z ≥ θ − ε/2.
+        dead_cols = dead.nonzero().squeeze(1) if self._aux_on(dead) else None
+        enc = encode_pairs(xin, self.W_enc, self.b_enc, theta - eps / 2, dead_cols,
+                           max_pairs=int(DENSE_ABOVE * x.shape[0] * self.cfg.d_sae))
+        if enc is None:  # early in training: dense products are cheaper
             return self._dense_loss(x, sparsity_coeff, dead, target)
-        z = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, rows, cols, None)
+        rows, cols = enc.rows, enc.cols
+        z = GatheredPre.apply(xin, self.W_enc, self.b_enc, enc.values, rows, cols, None)
         th = theta[cols]
         f = JumpReLUFn.apply(z, th, eps)
         rec = sparse_reconstruction(xs if target is None else target, f, self.W_dec, self.b_dec, rows, cols,
@@ -231,8 +245,8 @@ class JumpReLU(Dictionary):
         sparsity, freq = self._sparsity(f, z, th, self.W_dec.norm(dim=1)[cols], x.shape[0], cols)
         active = z.detach() > th
         counts = torch.bincount(cols[active], minlength=self.cfg.d_sae)
-        aux = self._aux(pre, rec.err, dead,
-                        lambda r, c: (GatheredPre.apply(xin, self.W_enc, self.b_enc, pre, r, c, None), r, c))
+        aux = self._aux(enc.columns, rec.err, dead,
+                        lambda r, c, v: GatheredPre.apply(xin, self.W_enc, self.b_enc, v, r, c, None))
         loss = rec.loss + sparsity_coeff * sparsity + freq + self._pre_act(xin, dead)
         return LossParts(loss=loss if aux is None else loss + self.cfg.aux_coeff * aux, mse=rec.mse,
                          l0=active.sum() / x.shape[0], counts=counts, aux=aux)

@@ -10,6 +10,8 @@ functions compute the same values and gradients from those pairs alone:
   gradients through a sparse ``[d_sae × batch] @ [batch × d_in]`` product (the encoder's forward
   matmul stays dense: every pre-activation must be seen to know which are active), and a b_dec
   subtracted from the input its gradient from one matrix-vector product.
+* :func:`encode_pairs` — JumpReLU's encoder product block by block of rows, each block searched for the
+  pairs at or above the thresholds while it is in cache, so the dense pre-activations are never written whole.
 * :class:`SparseDecode` — x̂ = Σ f·W_dec over the pairs (``embedding_bag``); backward gives the
   codes' gradient by a sampled dense-dense product and W_dec's by a sparse product.
 
@@ -19,6 +21,7 @@ The plain eager path (``loss(..., sparse=False)``) stays as the reference; tests
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +67,7 @@ def _transpose_times(rows, cols, vals, n_rows: int, n_cols: int, dense: torch.Te
 
 
 class GatheredPre(torch.autograd.Function):
-    """z[rows, cols] where z = (x − shift) W_enc + b_enc was computed without autograd.
+    """z[rows, cols] where z = (x − shift) W_enc + b_enc was computed without autograd: ``values`` holds them.
 
     ``x`` is the encoder input with ``shift`` already taken off (no gradient flows into it); ``shift``
     (b_dec, for dictionaries that subtract it from the input, or None) gets its gradient from the
@@ -72,9 +75,9 @@ class GatheredPre(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, pre, rows, cols, shift=None):
+    def forward(ctx, x, W_enc, b_enc, values, rows, cols, shift=None):
         ctx.save_for_backward(x, W_enc, rows, cols)
-        return pre[rows, cols]
+        return values
 
     @staticmethod
     def backward(ctx, grad):
@@ -85,6 +88,54 @@ class GatheredPre(torch.autograd.Function):
         grad_W_enc = _transpose_times(rows, cols, grad, x.shape[0], W_enc.shape[1], x).T
         grad_shift = -(W_enc @ grad_b_enc) if ctx.needs_input_grad[6] else None
         return None, grad_W_enc, grad_b_enc, None, None, None, grad_shift
+
+
+# Rows per block of encode_pairs on a CPU: measured on one thread at d_in 640, a 256-row block keeps the GEMM
+# as fast as one over the whole batch (64 rows cost 1.4x at 16,384 latents) while its pre-activations stay in
+# cache. A GPU takes the batch as one block: each block's nonzero waits for the device.
+BLOCK_ROWS = 256
+
+
+@dataclass
+class Pairs:
+    """Row-major (row, col) pairs, their pre-activations, and the pre-activations of some whole columns."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    values: torch.Tensor
+    columns: torch.Tensor | None  # [batch, len(column_ids)], or None when none were asked for
+
+
+@torch.no_grad()
+def encode_pairs(xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, floor: torch.Tensor,
+                 column_ids: torch.Tensor | None = None, max_pairs: int | None = None) -> Pairs | None:
+    """The pairs where z = xin W_enc + b_enc ≥ ``floor`` (one value per latent), without autograd.
+
+    The encoder product runs in blocks of rows and each block is compared, searched and gathered while it is
+    in cache; the bias is folded into the floor, so the [batch × d_sae] pre-activations are never written
+    whole (on one thread at 4,096 latents that pass and the bias's cost 15 % of x·W_enc). ``column_ids``
+    also returns those columns of z whole (AuxK ranks the dead latents' pre-activations). None as soon as
+    there are more than ``max_pairs`` pairs: the caller's dense path is cheaper then.
+    """
+    shifted = floor.float() - b_enc.float()
+    rows, cols, values, columns, found = [], [], [], [], 0
+    step = BLOCK_ROWS if xin.device.type == "cpu" else max(1, xin.shape[0])
+    for start in range(0, xin.shape[0], step):
+        block = (xin[start:start + step] @ W_enc).float()
+        idx = (block >= shifted).nonzero()
+        found += idx.shape[0]
+        if max_pairs is not None and found > max_pairs:
+            return None
+        r, c = idx[:, 0], idx[:, 1]
+        rows.append(r + start)
+        cols.append(c)
+        values.append(block[r, c])
+        if column_ids is not None:
+            columns.append(block.index_select(1, column_ids))
+    cols_all = torch.cat(cols)
+    bias = b_enc.float()
+    return Pairs(torch.cat(rows), cols_all, torch.cat(values) + bias[cols_all],
+                 None if column_ids is None else torch.cat(columns) + bias[column_ids])
 
 
 class SparseDecode(torch.autograd.Function):

@@ -43,6 +43,8 @@ class DictSpec(_Strict):
     tanh_scale: float = Field(4.0, gt=0, description="jumprelu: c of the tanh sparsity loss")
     target_l0: float | None = Field(None, gt=0, description="jumprelu: the L0 the quadratic sparsity loss pulls towards")
     pre_act_coeff: float = Field(0.0, ge=0, description="jumprelu: λ_P of the pre-activation loss on dead latents")
+    pre_act_on: Literal["all", "threshold"] = Field(
+        "all", description="jumprelu: what the pre-activation loss moves: θ, W_enc and b_enc of dead latents, or θ alone")
     freq_coeff: float = Field(0.0, ge=0, description="jumprelu: λ_f of the penalty on latents firing above freq_max")
     freq_max: float = Field(0.1, gt=0, le=1, description="jumprelu: firing fraction above which the frequency penalty acts")
     matryoshka_widths: list[int] | None = Field(
