@@ -189,11 +189,48 @@ def test_matryoshka_batchtopk_saves_as_a_jumprelu_with_the_same_inference_codes(
         build({"kind": "topk", "d_in": 16, "d_sae": 64, "k": 4}).as_jumprelu()
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_jumprelu_batchtopk_phase_trains_as_batchtopk_then_hands_over_to_its_own_thresholds(sparse):
+    d = _jumprelu(sparsity_loss="quadratic", target_l0=3.0, batchtopk_steps=2, apply_b_dec_to_input=True)
+    with torch.no_grad():
+        d.b_dec.normal_(0, 0.3)
+    x = torch.randn(64, 16)
+    # by hand: the batch's 3·64 largest positive pre-activations of the centred input, and their reconstruction
+    pre = ((x * d.input_scale - d.b_dec) @ d.W_enc + d.b_enc).detach()
+    flat = pre.reshape(-1)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[flat.topk(3 * 64).indices] = True
+    keep &= flat > 0
+    codes = (flat * keep).reshape(pre.shape)
+    mse = (x * d.input_scale - codes @ d.W_dec - d.b_dec).pow(2).sum(-1).mean()
+    d.zero_grad()
+    parts = d.loss(x, 0.7, sparse=sparse, step=0)
+    parts.loss.backward()
+    torch.testing.assert_close(parts.loss.detach(), mse, rtol=1e-5, atol=1e-6)  # no sparsity term in the phase
+    assert float(parts.l0) == pytest.approx(keep.sum().item() / 64)
+    assert d.threshold.grad is None or not d.threshold.grad.any(), "θ is set, not trained, in the phase"
+    smallest = float(flat[keep].min())
+    assert torch.allclose(d.threshold.detach(), torch.full((256,), smallest)), "the first step sets the shared θ"
+    x2 = torch.randn(64, 16)
+    pre2 = ((x2 * d.input_scale - d.b_dec) @ d.W_enc + d.b_enc).detach().reshape(-1)
+    d.loss(x2, 0.7, sparse=sparse, step=1)
+    smallest2 = float(pre2[pre2.topk(3 * 64).indices].min())
+    assert float(d.threshold[7].detach()) == pytest.approx(0.99 * smallest + 0.01 * smallest2, rel=1e-5), "a running mean"
+    # from batchtopk_steps on: the JumpReLU's own loss, with θ trained per latent
+    d.zero_grad()
+    after = d.loss(x, 0.7, sparse=sparse, step=2)
+    after.loss.backward()
+    torch.testing.assert_close(after.loss.detach(), d.loss(x, 0.7, sparse=sparse).loss.detach())
+    assert d.threshold.grad is not None and d.threshold.grad.any()
+
+
 @pytest.mark.parametrize("bad,message", [
     ({"kind": "jumprelu", "sparsity_coeff": 1.0, "sparsity_loss": "quadratic"}, "needs a `target_l0`"),
     ({"kind": "jumprelu", "sparsity_coeff": 1.0, "matryoshka_widths": [32, 16]}, "must increase strictly"),
     ({"kind": "jumprelu", "sparsity_coeff": 1.0, "matryoshka_widths": [16, 128]}, "must increase strictly"),
     ({"kind": "icfl", "matryoshka_widths": [16]}, "needs kind jumprelu or topk"),
+    ({"kind": "jumprelu", "sparsity_coeff": 1.0, "batchtopk_steps": 10}, "batchtopk_steps 10 needs target_l0"),
+    ({"kind": "topk", "k": 8, "batchtopk_steps": 10}, "and kind jumprelu"),
 ])
 def test_bad_recipe_options_are_clear_errors(bad, message):
     with pytest.raises(ScopeError, match=message):
@@ -247,7 +284,9 @@ def test_each_new_option_trains_on_the_real_model(small_store, tmp_path):
             {"name": "matryoshka", **jr, "sparsity_coeff": 1.0, "sparsity_loss": "quadratic", "target_l0": 30,
              "matryoshka_widths": [64, 256]},
             {"name": "matryoshka-batchtopk", "kind": "topk", "d_sae": 512, "k": 30, "selection": "batch",
-             "matryoshka_widths": [64, 256]}]})
+             "matryoshka_widths": [64, 256]},
+            {"name": "batchtopk-phase", **jr, "sparsity_coeff": 1.0, "sparsity_loss": "quadratic", "target_l0": 30,
+             "batchtopk_steps": 20}]})
     saved = train(cfg, tmp_path / "run", progress=False)
     rows = [yaml.safe_load(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for name in saved:
@@ -256,6 +295,9 @@ def test_each_new_option_trains_on_the_real_model(small_store, tmp_path):
     for name in ("quadratic", "matryoshka"):
         l0 = [r[f"{name}/l0"] for r in rows]
         assert l0[0] > 90 and abs(l0[-1] - 30) < 0.2 * abs(l0[0] - 30), (name, l0)
+    l0 = [r["batchtopk-phase/l0"] for r in rows]
+    assert all(abs(v - 30) < 1 for v in l0[:20]), ("BatchTopK for 20 steps", l0)
+    assert abs(l0[-1] - 30) < 10, ("then a JumpReLU near its target from the shared threshold", l0)
     assert load(saved["matryoshka-batchtopk"]).kind == "jumprelu"
     rows_seen = torch.cat(list(small_store.batches(hook, batch_size=1000, shuffle=False)))
 

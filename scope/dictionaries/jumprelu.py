@@ -47,6 +47,7 @@ from scope.dictionaries.base import Dictionary, DictionaryConfig
 from scope.dictionaries.losses import LossParts
 from scope.dictionaries.matryoshka import dense_reconstruction, prefix_ends, sparse_reconstruction
 from scope.dictionaries.sparse import GatheredPre, encode_pairs
+from scope.dictionaries.topk import batch_top_pairs
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -111,12 +112,14 @@ class JumpReLUConfig(DictionaryConfig):
     matryoshka_widths: list[int] | None = None  # nested prefixes that must each reconstruct x
     aux_coeff: float = 0.0  # weight of the AuxK loss on dead latents (0: off)
     aux_k: int | None = None  # dead latents per row in it; default d_in // 2, as for TopK
+    batchtopk_steps: int = 0  # train the first N steps as a BatchTopK SAE with k = target_l0 (0: off)
 
     @model_validator(mode="after")
     def _target_for_quadratic(self) -> "JumpReLUConfig":
-        if self.sparsity_loss == "quadratic" and not (self.target_l0 and 0 < self.target_l0 < self.d_sae):
-            raise ValueError(f"sparsity_loss 'quadratic' needs target_l0 in (0, d_sae={self.d_sae}), "
-                             f"got {self.target_l0}")
+        for option, on in (("sparsity_loss 'quadratic'", self.sparsity_loss == "quadratic"),
+                           (f"batchtopk_steps {self.batchtopk_steps}", self.batchtopk_steps > 0)):
+            if on and not (self.target_l0 and 0 < self.target_l0 < self.d_sae):
+                raise ValueError(f"{option} needs target_l0 in (0, d_sae={self.d_sae}), got {self.target_l0}")
         return self
 
 
@@ -215,14 +218,18 @@ class JumpReLU(Dictionary):
         return pre * (pre > self.threshold.to(pre.dtype))
 
     def loss(self, x: torch.Tensor, sparsity_coeff: float, sparse: bool = True,
-             dead: torch.Tensor | None = None, target: torch.Tensor | None = None) -> LossParts:
+             dead: torch.Tensor | None = None, target: torch.Tensor | None = None,
+             step: int | None = None) -> LossParts:
         """‖x − x̂‖² + λ‖f‖₀ in normalised units, averaged over the batch (sparse kernels by default).
 
         ``dead`` ([d_sae] bool, from the trainer's firing record) switches on the pre-activation loss
         and the AuxK loss for those latents when ``pre_act_coeff`` or ``aux_coeff`` is set. ``target`` (in
         training units) replaces the scaled input as what the decoder reconstructs: a transcoder's output site
-        (transcoder.py).
+        (transcoder.py). ``step`` (0-based, from the trainer) before ``batchtopk_steps`` trains the BatchTopK
+        phase instead (:meth:`_batchtopk_loss`).
         """
+        if step is not None and step < self.cfg.batchtopk_steps:
+            return self._batchtopk_loss(x, sparse, dead, target, first=step == 0)
         if not sparse:
             return self._dense_loss(x, sparsity_coeff, dead, target)
         eps = self.cfg.bandwidth
@@ -250,6 +257,47 @@ class JumpReLU(Dictionary):
         loss = rec.loss + sparsity_coeff * sparsity + freq + self._pre_act(xin, dead)
         return LossParts(loss=loss if aux is None else loss + self.cfg.aux_coeff * aux, mse=rec.mse,
                          l0=active.sum() / x.shape[0], counts=counts, aux=aux)
+
+    def _batchtopk_loss(self, x: torch.Tensor, sparse: bool, dead: torch.Tensor | None,
+                        target: torch.Tensor | None, first: bool) -> LossParts:
+        """A BatchTopK step (k = target_l0) of this JumpReLU, with θ kept at BatchTopK's inference threshold.
+
+        The batch's k·B largest pre-activations are kept (Bussmann et al. 2024), the loss is the
+        reconstruction plus AuxK on dead latents, and every θᵢ follows the running mean of the smallest kept
+        activation, so that at any step the JumpReLU infers as the BatchTopK SAE would (TopK.as_jumprelu).
+        When the phase ends each θᵢ starts from that shared threshold and trains on its own. Why: in the 10M
+        study a JumpReLU trained from scratch lost 29-42 % of its latents while BatchTopK kept all but a few
+        (docs/methods/jumprelu.md); a latent dies in a JumpReLU when its pre-activations sink below its θ, and
+        in the BatchTopK phase a latent fires whenever it ranks in the batch's top, whatever its θ.
+        """
+        xs = x.to(self.W_enc.dtype) * self.input_scale
+        xin = (xs - self.b_dec if self.cfg.apply_b_dec_to_input else xs).detach()  # b_dec: decoder bias only
+        goal = xs if target is None else target
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, xin, self.W_enc).float()
+            rows, cols = batch_top_pairs(pre, round(self.cfg.target_l0))
+        if sparse:
+            f = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre[rows, cols], rows, cols, None)
+            rec = sparse_reconstruction(goal, f, self.W_dec, self.b_dec, rows, cols, self.prefix_ends)
+            aux_pre = pre.index_select(1, dead.nonzero().squeeze(1)) if self._aux_on(dead) else pre
+            aux = self._aux(aux_pre, rec.err, dead,
+                            lambda r, c, v: GatheredPre.apply(xin, self.W_enc, self.b_enc, v, r, c, None))
+            kept = f.detach()
+        else:
+            z = xin @ self.W_enc + self.b_enc
+            keep = torch.zeros_like(z, dtype=torch.bool)
+            keep[rows, cols] = True
+            codes = z * keep
+            rec = dense_reconstruction(goal, codes, self.W_dec, self.b_dec, self.prefix_ends)
+            aux = self._aux(z, rec.err, dead)
+            kept = z.detach()[rows, cols]
+        with torch.no_grad():
+            if kept.numel():
+                self.threshold.fill_(torch.lerp(self.threshold[0], kept.min().float(), 1.0 if first else 0.01))
+        counts = torch.bincount(cols, minlength=self.cfg.d_sae)
+        loss = rec.loss if aux is None else rec.loss + self.cfg.aux_coeff * aux
+        return LossParts(loss=loss, mse=rec.mse, l0=torch.tensor(len(rows) / x.shape[0]), counts=counts, aux=aux,
+                         codes=None if sparse else codes.detach())
 
     def _dense_loss(self, x: torch.Tensor, sparsity_coeff: float, dead: torch.Tensor | None = None,
                     target: torch.Tensor | None = None) -> LossParts:

@@ -68,6 +68,13 @@ def batch_top_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
     return where[pool.topk(n, sorted=False).indices]
 
 
+def batch_top_pairs(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major (row, latent) pairs of the positive entries among the k·B largest of ``pre [B, M]``."""
+    idx = batch_top_indices(pre, k).sort().values
+    idx = idx[pre.reshape(-1)[idx] > 0]
+    return idx // pre.shape[1], idx % pre.shape[1]
+
+
 class TopK(Dictionary):
     kind = "topk"
     Config = TopKConfig
@@ -105,9 +112,7 @@ class TopK(Dictionary):
         if sel == "statistical":
             return pairs(pre > statistical_threshold(pre, k))
         if sel == "batch":
-            idx = batch_top_indices(pre, k).sort().values
-            idx = idx[pre.reshape(-1)[idx] > 0]
-            return idx // pre.shape[1], idx % pre.shape[1]
+            return batch_top_pairs(pre, k)
         vals, idx = pre.topk(k, dim=-1, sorted=False)
         idx, order = idx.sort(dim=-1)  # CSR order: columns ascending within each row
         keep = vals.gather(-1, order).reshape(-1) > 0  # a row may have fewer than k positive entries

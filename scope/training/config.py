@@ -45,6 +45,9 @@ class DictSpec(_Strict):
     pre_act_coeff: float = Field(0.0, ge=0, description="jumprelu: λ_P of the pre-activation loss on dead latents")
     pre_act_on: Literal["all", "threshold"] = Field(
         "all", description="jumprelu: what the pre-activation loss moves: θ, W_enc and b_enc of dead latents, or θ alone")
+    batchtopk_steps: int = Field(
+        0, ge=0, description="jumprelu: train the first N steps as BatchTopK with k = target_l0, θ tracking its "
+                             "inference threshold; then each θᵢ trains on its own (0: off)")
     freq_coeff: float = Field(0.0, ge=0, description="jumprelu: λ_f of the penalty on latents firing above freq_max")
     freq_max: float = Field(0.1, gt=0, le=1, description="jumprelu: firing fraction above which the frequency penalty acts")
     matryoshka_widths: list[int] | None = Field(
@@ -158,6 +161,10 @@ class TrainConfig(_Strict):
             if d.sparsity_loss == "quadratic" and not (d.target_l0 and d.target_l0 < d.d_sae):
                 raise ScopeError(f"dictionary {d.label()!r}: sparsity_loss quadratic needs a `target_l0` below "
                                  f"d_sae ({d.d_sae})")
+            if d.batchtopk_steps and not (d.family() == "jumprelu" and d.target_l0 and d.target_l0 < d.d_sae):
+                raise ScopeError(f"dictionary {d.label()!r}: batchtopk_steps {d.batchtopk_steps} needs target_l0 "
+                                 f"below d_sae ({d.d_sae}), the k of the BatchTopK phase, and kind jumprelu "
+                                 f"(this one is {d.family()})")
             if d.matryoshka_widths is not None:
                 if d.family() not in ("jumprelu", "topk"):
                     raise ScopeError(f"dictionary {d.label()!r}: matryoshka_widths needs kind jumprelu or topk")

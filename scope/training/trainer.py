@@ -150,7 +150,8 @@ def _spec_to_dict_cfg(spec: DictSpec, d_in: int, hook: str, store: ActivationSto
     if spec.family() == "jumprelu":
         cfg.update(bandwidth=spec.bandwidth, threshold_init=spec.threshold_init, sparsity_loss=spec.sparsity_loss,
                    tanh_scale=spec.tanh_scale, target_l0=spec.target_l0, pre_act_coeff=spec.pre_act_coeff,
-                   pre_act_on=spec.pre_act_on, freq_coeff=spec.freq_coeff, freq_max=spec.freq_max, aux_k=spec.aux_k)
+                   pre_act_on=spec.pre_act_on, freq_coeff=spec.freq_coeff, freq_max=spec.freq_max, aux_k=spec.aux_k,
+                   batchtopk_steps=spec.batchtopk_steps)
     if spec.family() == "topk":
         selection = "batch" if spec.activation == "batchtopk" and spec.kind == "transcoder" else spec.selection
         cfg.update(k=spec.k, selection=selection, aux_k=spec.aux_k, dead_after_tokens=spec.dead_after_tokens)
@@ -338,6 +339,8 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
             extra = {"dead": run.dead_mask(t.dead_frequency)} if run.spec.revives() else {}
             if y is not None:
                 extra["target"] = y
+            if getattr(run.sae.cfg, "batchtopk_steps", 0):
+                extra["step"] = step  # a JumpReLU's BatchTopK phase (jumprelu.py)
             with autocast:
                 parts = run.sae.loss(xr, run.spec.sparsity_coeff * lam_mult, sparse=t.sparse_kernels, **extra)
             parts.loss.backward()
