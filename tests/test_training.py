@@ -288,7 +288,9 @@ def test_killed_training_resumes_to_the_same_weights(synth, tmp_path):
     cfg["dictionaries"] += [
         {"name": "gs2", "kind": "jumprelu", "d_sae": 64, "sparsity_coeff": 1.0, "sparsity_loss": "quadratic",
          "target_l0": 8, "freq_coeff": 1.0, "freq_max": 0.05, "matryoshka_widths": [8, 32]},
-        {"name": "mbtk", "kind": "topk", "d_sae": 64, "k": 4, "selection": "batch", "matryoshka_widths": [8, 32]}]
+        {"name": "mbtk", "kind": "topk", "d_sae": 64, "k": 4, "selection": "batch", "matryoshka_widths": [8, 32]},
+        {"name": "btk", "kind": "jumprelu", "d_sae": 64, "sparsity_coeff": 1.0, "sparsity_loss": "quadratic",
+         "target_l0": 4, "batchtopk_steps": 20, "aux_coeff": 0.125}]  # BatchTopK phase, then JumpReLU
     killed = tmp_path / "killed"
     proc = _run(cfg, killed)
     deadline = time.time() + 300
@@ -300,7 +302,7 @@ def test_killed_training_resumes_to_the_same_weights(synth, tmp_path):
     assert not (killed / "jumprelu-64-l0.01").exists(), "killed before the end"
     assert _run(cfg, killed).wait() == 0
     assert _run(cfg, tmp_path / "clean").wait() == 0
-    for name in ("jumprelu-64-l0.01", "topk-64-k4", "gs2", "mbtk"):
+    for name in ("jumprelu-64-l0.01", "topk-64-k4", "gs2", "mbtk", "btk"):
         a = load_file(str(killed / name / "weights.safetensors"))
         b = load_file(str(tmp_path / "clean" / name / "weights.safetensors"))
         for k in a:
