@@ -47,7 +47,7 @@ from scope.dictionaries.base import Dictionary, DictionaryConfig
 from scope.dictionaries.losses import LossParts
 from scope.dictionaries.matryoshka import dense_reconstruction, prefix_ends, sparse_reconstruction
 from scope.dictionaries.sparse import GatheredPre, encode_pairs
-from scope.dictionaries.topk import batch_top_pairs
+from scope.dictionaries.topk import BATCH_THRESHOLD_RATE, batch_top_pairs
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -273,27 +273,28 @@ class JumpReLU(Dictionary):
         xs = x.to(self.W_enc.dtype) * self.input_scale
         xin = (xs - self.b_dec if self.cfg.apply_b_dec_to_input else xs).detach()  # b_dec: decoder bias only
         goal = xs if target is None else target
+        with torch.set_grad_enabled(not sparse):  # the sparse path regathers its pairs with their gradient
+            z = torch.addmm(self.b_enc, xin, self.W_enc)
+        pre = z.detach().float()
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, xin, self.W_enc).float()
             rows, cols = batch_top_pairs(pre, round(self.cfg.target_l0))
+        kept = pre[rows, cols]
         if sparse:
-            f = GatheredPre.apply(xin, self.W_enc, self.b_enc, pre[rows, cols], rows, cols, None)
+            f = GatheredPre.apply(xin, self.W_enc, self.b_enc, kept, rows, cols, None)
             rec = sparse_reconstruction(goal, f, self.W_dec, self.b_dec, rows, cols, self.prefix_ends)
             aux_pre = pre.index_select(1, dead.nonzero().squeeze(1)) if self._aux_on(dead) else pre
             aux = self._aux(aux_pre, rec.err, dead,
                             lambda r, c, v: GatheredPre.apply(xin, self.W_enc, self.b_enc, v, r, c, None))
-            kept = f.detach()
         else:
-            z = xin @ self.W_enc + self.b_enc
             keep = torch.zeros_like(z, dtype=torch.bool)
             keep[rows, cols] = True
             codes = z * keep
             rec = dense_reconstruction(goal, codes, self.W_dec, self.b_dec, self.prefix_ends)
             aux = self._aux(z, rec.err, dead)
-            kept = z.detach()[rows, cols]
-        with torch.no_grad():
-            if kept.numel():
-                self.threshold.fill_(torch.lerp(self.threshold[0], kept.min().float(), 1.0 if first else 0.01))
+        if kept.numel():  # TopK._track's running threshold, shared by every θᵢ
+            with torch.no_grad():
+                rate = 1.0 if first else BATCH_THRESHOLD_RATE
+                self.threshold.fill_(torch.lerp(self.threshold[0], kept.min(), rate))
         counts = torch.bincount(cols, minlength=self.cfg.d_sae)
         loss = rec.loss if aux is None else rec.loss + self.cfg.aux_coeff * aux
         return LossParts(loss=loss, mse=rec.mse, l0=torch.tensor(len(rows) / x.shape[0]), counts=counts, aux=aux,

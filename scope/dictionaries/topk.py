@@ -68,6 +68,10 @@ def batch_top_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
     return where[pool.topk(n, sorted=False).indices]
 
 
+# Weight of each batch's smallest kept activation in BatchTopK's running inference threshold.
+BATCH_THRESHOLD_RATE = 0.01
+
+
 def batch_top_pairs(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-major (row, latent) pairs of the positive entries among the k·B largest of ``pre [B, M]``."""
     idx = batch_top_indices(pre, k).sort().values
@@ -163,7 +167,7 @@ class TopK(Dictionary):
         """Dead-latent clock for AuxK, and BatchTopK's inference threshold."""
         self.tokens_since_fired.add_(rows).masked_fill_(fired, 0)
         if self.cfg.selection == "batch" and active.numel():
-            self.threshold.lerp_(active.min().to(self.threshold.dtype), 0.01 if self.threshold > 0 else 1.0)
+            self.threshold.lerp_(active.min().to(self.threshold.dtype), BATCH_THRESHOLD_RATE if self.threshold > 0 else 1.0)
 
     def _aux_loss(self, pre: torch.Tensor, err: torch.Tensor, gather: Gather | None = None) -> torch.Tensor | None:
         """AuxK over the latents that have not fired for ``dead_after_tokens`` rows."""

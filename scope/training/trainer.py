@@ -339,7 +339,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
             extra = {"dead": run.dead_mask(t.dead_frequency)} if run.spec.revives() else {}
             if y is not None:
                 extra["target"] = y
-            if getattr(run.sae.cfg, "batchtopk_steps", 0):
+            if run.spec.batchtopk_steps:
                 extra["step"] = step  # a JumpReLU's BatchTopK phase (jumprelu.py)
             with autocast:
                 parts = run.sae.loss(xr, run.spec.sparsity_coeff * lam_mult, sparse=t.sparse_kernels, **extra)
