@@ -55,6 +55,14 @@ VARIANTS = {
     "quad-aux32": Variant("quadratic, AuxK 1/32", QUADRATIC | {"aux_coeff": 1 / 32}),
     "quad-aux32-2k": Variant("quadratic, AuxK 1/32, 2,048 latents", QUADRATIC | {"aux_coeff": 1 / 32, "d_sae": 2048}),
     "quad-aux8-2k": Variant("quadratic, AuxK 1/8, 2,048 latents", QUADRATIC | {"aux_coeff": 1 / 8, "d_sae": 2048}),
+    # The 10M study's fix for dead latents (2026-12-05): train as BatchTopK (k = target_l0) for the first part of
+    # the 585 steps, then as a JumpReLU; ε 0.002 fits the thresholds that phase leaves.
+    "quad-aux8-2k-btk80": Variant("quadratic, AuxK 1/8, 2,048 latents, BatchTopK for 80 %", QUADRATIC | {
+        "aux_coeff": 1 / 8, "d_sae": 2048, "batchtopk_steps": 468, "bandwidth": 0.002}),
+    "quad-aux8-2k-btk50": Variant("quadratic, AuxK 1/8, 2,048 latents, BatchTopK for 50 %", QUADRATIC | {
+        "aux_coeff": 1 / 8, "d_sae": 2048, "batchtopk_steps": 292, "bandwidth": 0.002}),
+    "quad-aux8-btk80": Variant("quadratic, AuxK 1/8, BatchTopK for 80 %", QUADRATIC | {
+        "aux_coeff": 1 / 8, "batchtopk_steps": 468, "bandwidth": 0.002}),
     "quad-aux32-200k": Variant("quadratic, AuxK 1/32, 200k-token store", QUADRATIC | {"aux_coeff": 1 / 32},
                                tokens=200_000),
 }

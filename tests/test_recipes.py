@@ -106,6 +106,41 @@ def test_jumprelu_auxk_reconstructs_the_residual_from_dead_latents_only(sparse):
 
 
 @pytest.mark.parametrize("sparse", [False, True])
+def test_topk_aux_b_dec_decides_whether_auxk_moves_b_dec(sparse):
+    # Gao et al.'s AuxK reaches b_dec through the centred encoder input; aux_b_dec: false keeps it to the dead
+    # latents' own parameters, as a JumpReLU's AuxK, with the same loss value.
+    torch.manual_seed(0)
+    x = torch.randn(64, 16) * 2
+    auxes, grads = [], []
+    for through in (True, False):
+        torch.manual_seed(1)
+        d = build({"kind": "topk", "d_in": 16, "d_sae": 256, "k": 4, "dead_after_tokens": 0, "aux_k": 3,
+                   "aux_b_dec": through})
+        with torch.no_grad():
+            d.b_dec.normal_(0, 0.3)
+        d.tokens_since_fired.fill_(1)  # every latent not firing in this batch is dead
+        parts = d.loss(x, sparse=sparse)
+        assert parts.aux is not None and (parts.codes is None) == sparse, "AuxK ran on the path under test"
+        parts.aux.backward()
+        auxes.append(parts.aux.detach())
+        grads.append((d.b_dec.grad, d.W_enc.grad))
+    torch.testing.assert_close(auxes[0], auxes[1])
+    (b_through, w_through), (b_not, w_not) = grads
+    assert b_through is not None and b_through.abs().sum() > 0, "Gao et al.'s AuxK moves b_dec"
+    assert b_not is None or not b_not.any(), "aux_b_dec: false leaves b_dec alone"
+    torch.testing.assert_close(w_not, w_through, msg="the encoder's AuxK gradient is the same either way")
+
+
+def test_aux_b_dec_on_a_jumprelu_is_refused_with_its_name(tmp_path):
+    cfg = {"store": str(tmp_path), "trainer": {"total_tokens": 100},
+           "dictionaries": [{"kind": "jumprelu", "d_sae": 64, "sparsity_coeff": 1.0, "aux_b_dec": False}]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ScopeError, match="aux_b_dec is a topk option"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
 def test_jumprelu_b_dec_learns_only_as_the_decoder_bias(sparse):
     # A shift of b_dec moves every pre-activation against fixed θ, so the penalties must not reach it
     # through the centred encoder input; it gets exactly the gradient of the reconstruction's bias term.

@@ -94,7 +94,8 @@ def test_topk_and_batchtopk_select_k_per_row_or_per_batch():
     {"kind": "jumprelu", "bandwidth": 0.05, "threshold_init": 2.0, "apply_b_dec_to_input": True, "aux_coeff": 0.1,
      "matryoshka_widths": [64]},
     {"kind": "topk", "k": 8}, {"kind": "topk", "k": 8, "selection": "batch"},
-    {"kind": "topk", "k": 8, "selection": "statistical"}, {"kind": "topk", "k": 8, "dead_after_tokens": 0}])
+    {"kind": "topk", "k": 8, "selection": "statistical"}, {"kind": "topk", "k": 8, "dead_after_tokens": 0},
+    {"kind": "topk", "k": 8, "dead_after_tokens": 0, "aux_b_dec": False}])
 def test_sparse_kernels_give_the_plain_path_loss_and_gradients(cfg):
     torch.manual_seed(0)
     d = build({"d_in": 32, "d_sae": 256, **cfg})

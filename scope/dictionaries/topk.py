@@ -33,6 +33,9 @@ class TopKConfig(DictionaryConfig):
     apply_b_dec_to_input: bool = True
     aux_k: int | None = None  # default: d_in // 2, as in Gao et al.
     aux_coeff: float = 1 / 32
+    # AuxK's gradient reaches b_dec through the centred encoder input, as in Gao et al. and SAELens. False: it
+    # moves only the dead latents' encoder and decoder, as a JumpReLU's AuxK does (jumprelu.py).
+    aux_b_dec: bool = True
     dead_after_tokens: int = 1_000_000
     matryoshka_widths: list[int] | None = None  # nested prefixes that must each reconstruct x
 
@@ -136,7 +139,8 @@ class TopK(Dictionary):
         rec = sparse_reconstruction(xs if target is None else target, f, self.W_dec, self.b_dec, rows, cols, self.prefix_ends)
         counts = torch.bincount(cols, minlength=self.cfg.d_sae)
         self._track(counts > 0, x.shape[0], f.detach())
-        aux = self._aux_loss(pre, rec.err, lambda r, c, v: GatheredPre.apply(xin, self.W_enc, self.b_enc, v, r, c, shift))
+        aux_shift = shift if self.cfg.aux_b_dec else None
+        aux = self._aux_loss(pre, rec.err, lambda r, c, v: GatheredPre.apply(xin, self.W_enc, self.b_enc, v, r, c, aux_shift))
         total = rec.loss if aux is None else rec.loss + self.cfg.aux_coeff * aux
         return LossParts(loss=total, mse=rec.mse, l0=torch.tensor(len(rows) / x.shape[0]), counts=counts, aux=aux)
 
@@ -146,6 +150,8 @@ class TopK(Dictionary):
         rec = dense_reconstruction(x.to(pre.dtype) * self.input_scale if target is None else target, f, self.W_dec, self.b_dec, self.prefix_ends)
         counts = (f > 0).sum(0)
         self._track(counts > 0, x.shape[0], f[f > 0].detach())
+        if not self.cfg.aux_b_dec and self.cfg.apply_b_dec_to_input:  # AuxK's pre-activations without b_dec's gradient
+            pre = (x.to(pre.dtype) * self.input_scale - self.b_dec.detach()) @ self.W_enc + self.b_enc
         aux = self._aux_loss(pre, rec.err)
         total = rec.loss if aux is None else rec.loss + self.cfg.aux_coeff * aux
         return LossParts(loss=total, mse=rec.mse, l0=(f > 0).float().sum(-1).mean(), counts=counts, aux=aux,

@@ -55,6 +55,9 @@ class DictSpec(_Strict):
     aux_k: int | None = Field(None, gt=0, description="topk, jumprelu: dead latents per row in the AuxK loss (default d_in // 2)")
     aux_coeff: float | None = Field(
         None, ge=0, description="topk, jumprelu: weight of the AuxK loss on dead latents (default 1/32 for topk, 0 for jumprelu)")
+    aux_b_dec: bool = Field(
+        True, description="topk: AuxK's gradient reaches b_dec through the centred encoder input (Gao et al., SAELens); "
+                          "false: only the dead latents' encoder and decoder move, as in a JumpReLU's AuxK")
     dead_after_tokens: int = 1_000_000
     iterations: int = Field(20, gt=0, description="J: matching-pursuit iterations (icfl)")
     atoms_per_iteration: int = Field(5, gt=0, description="L: atoms picked and fitted per iteration (icfl)")
@@ -165,6 +168,9 @@ class TrainConfig(_Strict):
                 raise ScopeError(f"dictionary {d.label()!r}: batchtopk_steps {d.batchtopk_steps} needs target_l0 "
                                  f"below d_sae ({d.d_sae}), the k of the BatchTopK phase, and kind jumprelu "
                                  f"(this one is {d.family()})")
+            if "aux_b_dec" in d.model_fields_set and d.family() != "topk":
+                raise ScopeError(f"dictionary {d.label()!r}: aux_b_dec is a topk option, and a {d.family()} "
+                                 "dictionary's AuxK never moves b_dec; remove aux_b_dec")
             if d.matryoshka_widths is not None:
                 if d.family() not in ("jumprelu", "topk"):
                     raise ScopeError(f"dictionary {d.label()!r}: matryoshka_widths needs kind jumprelu or topk")

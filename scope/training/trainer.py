@@ -154,7 +154,8 @@ def _spec_to_dict_cfg(spec: DictSpec, d_in: int, hook: str, store: ActivationSto
                    batchtopk_steps=spec.batchtopk_steps)
     if spec.family() == "topk":
         selection = "batch" if spec.activation == "batchtopk" and spec.kind == "transcoder" else spec.selection
-        cfg.update(k=spec.k, selection=selection, aux_k=spec.aux_k, dead_after_tokens=spec.dead_after_tokens)
+        cfg.update(k=spec.k, selection=selection, aux_k=spec.aux_k, aux_b_dec=spec.aux_b_dec,
+                   dead_after_tokens=spec.dead_after_tokens)
     if spec.family() in ("jumprelu", "topk") and spec.aux_coeff is not None:
         cfg["aux_coeff"] = spec.aux_coeff
     if spec.matryoshka_widths is not None:
