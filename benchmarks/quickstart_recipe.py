@@ -38,13 +38,13 @@ class Variant:
 
 
 QUADRATIC = {"sparsity_loss": "quadratic", "target_l0": 60, "init_l0": 60, "sparsity_coeff": 0.5,
-             "freq_coeff": 1.0, "freq_max": 0.1, "pre_act_coeff": 1e-5}
+             "freq_coeff": 1.0, "freq_max": 0.1, "pre_act_coeff": 1e-5, "bandwidth": 0.01, "batchtopk_steps": 0}
 # tanh-old is the recipe the quickstart shipped until 2026-12-03; the rest are the quadratic-penalty candidates
 # (each spells out its options, so a later change to the quickstart's own recipe does not change them).
 VARIANTS = {
     "tanh-old": Variant("tanh λ 2e-4 (old quickstart)", {
         "sparsity_loss": "tanh", "tanh_scale": 100, "sparsity_coeff": 2e-4, "init_l0": 64, "target_l0": None,
-        "freq_coeff": 0.0, "aux_coeff": 0.0, "pre_act_coeff": 1e-5}),
+        "freq_coeff": 0.0, "aux_coeff": 0.0, "pre_act_coeff": 1e-5, "bandwidth": 0.01, "batchtopk_steps": 0}),
     "quad-aux8": Variant("quadratic, AuxK 1/8", QUADRATIC | {"aux_coeff": 1 / 8}),
     "quad-aux8-dead1e-4": Variant("quadratic, AuxK 1/8, dead < 1e-4", QUADRATIC | {"aux_coeff": 1 / 8},
                                   {"dead_frequency": 1e-4}),
@@ -61,6 +61,12 @@ VARIANTS = {
         "aux_coeff": 1 / 8, "d_sae": 2048, "batchtopk_steps": 468, "bandwidth": 0.002}),
     "quad-aux8-2k-btk50": Variant("quadratic, AuxK 1/8, 2,048 latents, BatchTopK for 50 %", QUADRATIC | {
         "aux_coeff": 1 / 8, "d_sae": 2048, "batchtopk_steps": 292, "bandwidth": 0.002}),
+    "quad-aux8-2k-btk35": Variant("quadratic, AuxK 1/8, 2,048 latents, BatchTopK for 35 %", QUADRATIC | {
+        "aux_coeff": 1 / 8, "d_sae": 2048, "batchtopk_steps": 205, "bandwidth": 0.002}),
+    "quad-aux8-2k-btk20": Variant("quadratic, AuxK 1/8, 2,048 latents, BatchTopK for 20 %", QUADRATIC | {
+        "aux_coeff": 1 / 8, "d_sae": 2048, "batchtopk_steps": 117, "bandwidth": 0.002}),
+    "quad-aux8-2k-btk20-1m2": Variant("the same, 1.2M token-steps", QUADRATIC | {
+        "aux_coeff": 1 / 8, "d_sae": 2048, "batchtopk_steps": 234, "bandwidth": 0.002}, {"total_tokens": 1_200_000}),
     "quad-aux8-btk80": Variant("quadratic, AuxK 1/8, BatchTopK for 80 %", QUADRATIC | {
         "aux_coeff": 1 / 8, "batchtopk_steps": 468, "bandwidth": 0.002}),
     "quad-aux32-200k": Variant("quadratic, AuxK 1/32, 200k-token store", QUADRATIC | {"aux_coeff": 1 / 32},
