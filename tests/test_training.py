@@ -256,6 +256,13 @@ def test_max_grad_norm_clips_the_gradient_and_the_log_has_its_norm(synth, tmp_pa
     assert fvu("free")[-1] < 0.8 * fvu("free")[0]
     assert fvu("held")[-1] > 0.95 * fvu("held")[0]
     assert set(free) == set(held)
+    # The dictionary's own max_grad_norm holds that dictionary alone.
+    cfg = _cfg(synth, steps=12)
+    cfg["dictionaries"][1]["max_grad_norm"] = 1e-12
+    train(load_config(data=cfg), tmp_path / "own", progress=False)
+    rows = [yaml.safe_load(line) for line in (tmp_path / "own" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["topk-64-k4/fvu"] > 0.95 * rows[0]["topk-64-k4/fvu"]
+    assert rows[-1]["jumprelu-64-l0.01/fvu"] < 0.8 * rows[0]["jumprelu-64-l0.01/fvu"]
 
 
 def test_a_run_saved_before_a_new_config_field_still_resumes(synth, tmp_path):

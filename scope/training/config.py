@@ -69,6 +69,7 @@ class DictSpec(_Strict):
     threshold_lr: float | None = Field(
         None, gt=0, description="jumprelu: θ's own learning rate (default: the dictionary's lr); scaled by the schedule")
     adam_betas: tuple[float, float] | None = Field(None, description="overrides trainer.adam_betas for this dictionary")
+    max_grad_norm: float | None = Field(None, gt=0, description="overrides trainer.max_grad_norm for this dictionary")
     apply_b_dec_to_input: bool | None = Field(None, description="subtract b_dec before encoding (default: per kind)")
 
     def revives(self) -> bool:
@@ -168,7 +169,7 @@ class TrainConfig(_Strict):
                 raise ScopeError(f"dictionary {d.label()!r}: batchtopk_steps {d.batchtopk_steps} needs target_l0 "
                                  f"below d_sae ({d.d_sae}), the k of the BatchTopK phase, and kind jumprelu "
                                  f"(this one is {d.family()})")
-            if "aux_b_dec" in d.model_fields_set and d.family() != "topk":
+            if not d.aux_b_dec and d.family() != "topk":  # (saved configs hold every field, so test the value)
                 raise ScopeError(f"dictionary {d.label()!r}: aux_b_dec is a topk option, and a {d.family()} "
                                  "dictionary's AuxK never moves b_dec; remove aux_b_dec")
             if d.matryoshka_widths is not None:

@@ -350,11 +350,12 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
             if run.sae.unit_norm_decoder:
                 run.sae.remove_parallel_decoder_grad()
             logging = (step + 1) % t.log_every == 0 or step + 1 == total_steps
-            if t.max_grad_norm is not None or logging:
+            clip = run.spec.max_grad_norm or t.max_grad_norm
+            if clip is not None or logging:
                 # Clipping bounds one batch's pull: with Adam's β1 = 0 a gradient far above the running second
                 # moment moves each parameter by several learning rates at once. The norm is logged either way.
                 grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in run.sae.parameters() if p.grad is not None], t.max_grad_norm or math.inf)
+                    [p for p in run.sae.parameters() if p.grad is not None], clip or math.inf)
             run.opt.step()
             run.opt.zero_grad(set_to_none=True)
             run.sae.project()
