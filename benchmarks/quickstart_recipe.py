@@ -39,6 +39,19 @@ class Variant:
 
 QUADRATIC = {"sparsity_loss": "quadratic", "target_l0": 60, "init_l0": 60, "sparsity_coeff": 0.5,
              "freq_coeff": 1.0, "freq_max": 0.1, "pre_act_coeff": 1e-5, "bandwidth": 0.01, "batchtopk_steps": 0}
+TRAIN_TOKENS, BATCH = 600_000, 1024  # the quickstart's budget
+
+
+def batchtopk_variant(percent: int, d_sae: int = 2048, train_tokens: int = TRAIN_TOKENS) -> Variant:
+    """quad-aux8 trained as BatchTopK for the first ``percent`` % of its steps, at ε 0.002."""
+    longer = train_tokens != TRAIN_TOKENS
+    label = f"quadratic, AuxK 1/8, {d_sae:,} latents, BatchTopK for {percent} %" + (
+        f", {train_tokens / 1e6:g}M token-steps" if longer else "")
+    return Variant(label, QUADRATIC | {"aux_coeff": 1 / 8, "d_sae": d_sae, "bandwidth": 0.002,
+                                       "batchtopk_steps": round(train_tokens // BATCH * percent / 100)},
+                   {"total_tokens": train_tokens} if longer else {})
+
+
 # tanh-old is the recipe the quickstart shipped until 2026-12-03; the rest are the quadratic-penalty candidates
 # (each spells out its options, so a later change to the quickstart's own recipe does not change them).
 VARIANTS = {
@@ -56,19 +69,10 @@ VARIANTS = {
     "quad-aux32-2k": Variant("quadratic, AuxK 1/32, 2,048 latents", QUADRATIC | {"aux_coeff": 1 / 32, "d_sae": 2048}),
     "quad-aux8-2k": Variant("quadratic, AuxK 1/8, 2,048 latents", QUADRATIC | {"aux_coeff": 1 / 8, "d_sae": 2048}),
     # The 10M study's fix for dead latents (2026-12-05): train as BatchTopK (k = target_l0) for the first part of
-    # the 585 steps, then as a JumpReLU; ε 0.002 fits the thresholds that phase leaves.
-    "quad-aux8-2k-btk80": Variant("quadratic, AuxK 1/8, 2,048 latents, BatchTopK for 80 %", QUADRATIC | {
-        "aux_coeff": 1 / 8, "d_sae": 2048, "batchtopk_steps": 468, "bandwidth": 0.002}),
-    "quad-aux8-2k-btk50": Variant("quadratic, AuxK 1/8, 2,048 latents, BatchTopK for 50 %", QUADRATIC | {
-        "aux_coeff": 1 / 8, "d_sae": 2048, "batchtopk_steps": 292, "bandwidth": 0.002}),
-    "quad-aux8-2k-btk35": Variant("quadratic, AuxK 1/8, 2,048 latents, BatchTopK for 35 %", QUADRATIC | {
-        "aux_coeff": 1 / 8, "d_sae": 2048, "batchtopk_steps": 205, "bandwidth": 0.002}),
-    "quad-aux8-2k-btk20": Variant("quadratic, AuxK 1/8, 2,048 latents, BatchTopK for 20 %", QUADRATIC | {
-        "aux_coeff": 1 / 8, "d_sae": 2048, "batchtopk_steps": 117, "bandwidth": 0.002}),
-    "quad-aux8-2k-btk20-1m2": Variant("the same, 1.2M token-steps", QUADRATIC | {
-        "aux_coeff": 1 / 8, "d_sae": 2048, "batchtopk_steps": 234, "bandwidth": 0.002}, {"total_tokens": 1_200_000}),
-    "quad-aux8-btk80": Variant("quadratic, AuxK 1/8, BatchTopK for 80 %", QUADRATIC | {
-        "aux_coeff": 1 / 8, "batchtopk_steps": 468, "bandwidth": 0.002}),
+    # the steps, then as a JumpReLU; ε 0.002 fits the thresholds that phase leaves.
+    **{f"quad-aux8-2k-btk{pct}": batchtopk_variant(pct) for pct in (80, 50, 35, 20)},
+    "quad-aux8-2k-btk20-1m2": batchtopk_variant(20, train_tokens=1_200_000),
+    "quad-aux8-btk80": batchtopk_variant(80, d_sae=4096),
     "quad-aux32-200k": Variant("quadratic, AuxK 1/32, 200k-token store", QUADRATIC | {"aux_coeff": 1 / 32},
                                tokens=200_000),
 }
@@ -83,7 +87,7 @@ def store_path(out: Path, tokens: int) -> str:
 def variant_config(store: str, name: str):
     """quickstart_config with the variant's options laid over it."""
     v = VARIANTS[name]
-    data = quickstart_config(store, d_sae=4096, train_tokens=600_000, batch_size=1024).model_dump(exclude_unset=True)
+    data = quickstart_config(store, d_sae=4096, train_tokens=TRAIN_TOKENS, batch_size=BATCH).model_dump(exclude_unset=True)
     data["dictionaries"][0].update(v.dictionary)
     data["trainer"].update(v.trainer)
     return load_config(data=data)

@@ -79,8 +79,8 @@ def quickstart_config(store: str, *, d_sae: int, train_tokens: int, batch_size: 
     """The training config of the quickstart's JumpReLU SAE (the recipe above) on ``store``."""
     steps = train_tokens // batch_size
     window = dead_window_for(batch_size, steps, TrainerSettings.model_fields["dead_frequency"].default)
-    recipe = QUICKSTART_JUMPRELU | (QUICKSTART_REVIVAL if window else {})  # too short a run: they could not act
-    recipe["batchtopk_steps"] = int(steps * QUICKSTART_BATCHTOPK_FRACTION)
+    recipe = (QUICKSTART_JUMPRELU | (QUICKSTART_REVIVAL if window else {})  # too short a run: they could not act
+              | {"batchtopk_steps": int(steps * QUICKSTART_BATCHTOPK_FRACTION)})
     return load_config(data={
         "store": store, "hook": HOOK,
         "trainer": {"total_tokens": train_tokens, "batch_size": batch_size, "lr": QUICKSTART_LR,

@@ -145,14 +145,18 @@ class TopK(Dictionary):
         return LossParts(loss=total, mse=rec.mse, l0=torch.tensor(len(rows) / x.shape[0]), counts=counts, aux=aux)
 
     def _dense_loss(self, x: torch.Tensor, target: torch.Tensor | None = None) -> LossParts:
-        pre = self.pre_acts(x)
+        if self.cfg.apply_b_dec_to_input and not self.cfg.aux_b_dec:
+            # AuxK reads pre-activations with no b_dec on their path; the main loss gets b_dec's input gradient back
+            # through a term that is zero in value (one vector product, not a second encoder pass).
+            aux_pre = (x.to(self.W_enc.dtype) * self.input_scale - self.b_dec.detach()) @ self.W_enc + self.b_enc
+            pre = aux_pre - (self.b_dec - self.b_dec.detach()) @ self.W_enc
+        else:
+            pre = aux_pre = self.pre_acts(x)
         f = self._select(pre, training=True)
         rec = dense_reconstruction(x.to(pre.dtype) * self.input_scale if target is None else target, f, self.W_dec, self.b_dec, self.prefix_ends)
         counts = (f > 0).sum(0)
         self._track(counts > 0, x.shape[0], f[f > 0].detach())
-        if not self.cfg.aux_b_dec and self.cfg.apply_b_dec_to_input:  # AuxK's pre-activations without b_dec's gradient
-            pre = (x.to(pre.dtype) * self.input_scale - self.b_dec.detach()) @ self.W_enc + self.b_enc
-        aux = self._aux_loss(pre, rec.err)
+        aux = self._aux_loss(aux_pre, rec.err)
         total = rec.loss if aux is None else rec.loss + self.cfg.aux_coeff * aux
         return LossParts(loss=total, mse=rec.mse, l0=(f > 0).float().sum(-1).mean(), counts=counts, aux=aux,
                          codes=f.detach())
