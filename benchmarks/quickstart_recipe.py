@@ -42,14 +42,16 @@ QUADRATIC = {"sparsity_loss": "quadratic", "target_l0": 60, "init_l0": 60, "spar
 TRAIN_TOKENS, BATCH = 600_000, 1024  # the quickstart's budget
 
 
-def batchtopk_variant(percent: int, d_sae: int = 2048, train_tokens: int = TRAIN_TOKENS) -> Variant:
+def batchtopk_variant(percent: int, d_sae: int = 2048, train_tokens: int = TRAIN_TOKENS,
+                      tokens: int = 100_000) -> Variant:
     """quad-aux8 trained as BatchTopK for the first ``percent`` % of its steps, at ε 0.002."""
     longer = train_tokens != TRAIN_TOKENS
     label = f"quadratic, AuxK 1/8, {d_sae:,} latents, BatchTopK for {percent} %" + (
-        f", {train_tokens / 1e6:g}M token-steps" if longer else "")
+        f", {train_tokens / 1e6:g}M token-steps" if longer else "") + (
+        f", {tokens // 1000}k-token store" if tokens != 100_000 else "")
     return Variant(label, QUADRATIC | {"aux_coeff": 1 / 8, "d_sae": d_sae, "bandwidth": 0.002,
                                        "batchtopk_steps": round(train_tokens // BATCH * percent / 100)},
-                   {"total_tokens": train_tokens} if longer else {})
+                   {"total_tokens": train_tokens} if longer else {}, tokens)
 
 
 # tanh-old is the recipe the quickstart shipped until 2026-12-03; the rest are the quadratic-penalty candidates
@@ -72,6 +74,9 @@ VARIANTS = {
     # the steps, then as a JumpReLU; ε 0.002 fits the thresholds that phase leaves.
     **{f"quad-aux8-2k-btk{pct}": batchtopk_variant(pct) for pct in (80, 50, 35, 20)},
     "quad-aux8-2k-btk20-1m2": batchtopk_variant(20, train_tokens=1_200_000),
+    # Twice the budget on twice the text (2026-12-05): the 1.2M run above lost latents to 12 epochs of 100k rows.
+    **{f"quad-aux8-2k-btk{pct}-1m2-200k": batchtopk_variant(pct, train_tokens=1_200_000, tokens=200_000)
+       for pct in (20, 50)},
     "quad-aux8-btk80": batchtopk_variant(80, d_sae=4096),
     "quad-aux32-200k": Variant("quadratic, AuxK 1/32, 200k-token store", QUADRATIC | {"aux_coeff": 1 / 32},
                                tokens=200_000),

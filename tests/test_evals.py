@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from scope.dictionaries import build
 from scope.errors import ScopeError
 from scope.evals import (evaluate, frontier_figure, lm_loss_on_windows, lm_losses_on_windows, reconstruction_metrics,
                          spliced_lm_loss, store_windows, write_frontier)
-from scope.evals.lm_loss import _replacement
+from scope.evals.lm_loss import _replacement, paired_difference, ratio_se
 from scope.store import ActivationStore
 from scope.store.fs import StoreFS
 from scope.store.manifest import Manifest, SourceInfo, StoreConfig, write_documents, write_manifest
@@ -229,7 +230,7 @@ def test_a_bad_dictionary_loses_loss(gemma, held_out):
 
 @pytest.mark.real_model
 def test_a_sweep_shares_the_clean_and_zero_runs_and_gives_each_sae_its_own_numbers(gemma, held_out):
-    windows = store_windows(held_out, gemma.tokenizer, max_tokens=64)
+    windows = store_windows(held_out, gemma.tokenizer, max_tokens=128)
     good, bad = identity_sae(640, "relu", HOOK), identity_sae(640, "relu", HOOK)
     with torch.no_grad():
         bad.W_dec.mul_(0.5)
@@ -240,6 +241,27 @@ def test_a_sweep_shares_the_clean_and_zero_runs_and_gives_each_sae_its_own_numbe
     assert numbers(both["bad"]) == pytest.approx(numbers(alone), rel=1e-6)
     assert abs(both["good"].delta_loss) < 1e-4 and both["bad"].delta_loss > 0.05
     assert both["good"].clean_ce == both["bad"].clean_ce and both["good"].zero_ce == both["bad"].zero_ce
+    # Per-window sums: they add up to the totals, and a paired difference of the two is the delta losses' difference.
+    bad_d = both["bad"].to_dict()
+    assert len(bad_d["window_tokens"]) == 2 and sum(bad_d["window_tokens"]) == both["bad"].tokens
+    assert sum(bad_d["window_delta"]) / both["bad"].tokens == pytest.approx(both["bad"].delta_loss, rel=1e-9)
+    assert 0 < both["bad"].delta_loss_se < both["bad"].delta_loss
+    diff, se = paired_difference(both["good"].to_dict(), bad_d)
+    assert diff == pytest.approx(both["bad"].delta_loss - both["good"].delta_loss, rel=1e-9) and se > 0
+
+
+def test_the_delta_loss_standard_error_and_the_paired_difference_by_hand():
+    # R = 12/60 = 0.2; d − R·n = (−1, 0, −1, 2); var = 6 / (4 · 3) / 15²
+    assert ratio_se([1.0, 2.0, 3.0, 6.0], [10, 10, 20, 20]) == pytest.approx(0.5 ** 0.5 / 15)
+    assert math.isnan(ratio_se([1.0], [10]))
+    a = {"window_tokens": [10, 10, 20, 20], "window_delta": [2.0, 2.0, 4.0, 4.0]}
+    b = {"window_tokens": [10, 10, 20, 20], "window_delta": [3.0, 4.0, 7.0, 10.0]}
+    diff, se = paired_difference(a, b)
+    assert diff == pytest.approx(12 / 60) and se == pytest.approx(0.5 ** 0.5 / 15)
+    with pytest.raises(ScopeError, match="same windows"):
+        paired_difference(a, {**b, "window_tokens": [10, 10, 20, 21]})
+    with pytest.raises(ScopeError, match="per-window sums"):
+        paired_difference({"delta_loss": 0.3}, b)  # an evaluation cached before per-window sums existed
 
 
 def test_frontier_has_one_trace_per_kind_on_a_log_axis(tmp_path):

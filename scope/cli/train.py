@@ -130,7 +130,7 @@ def eval_(
 
 def _eval_table(out: dict) -> str:
     head = f"{'sae':<24} {'kind':<10} {'d_sae':>7} {'L0':>8} {'FVU':>7} {'cos':>6} {'dead':>6} {'dense':>6}"
-    head += f" {'CE clean':>8} {'spliced':>8} {'ΔCE':>7} {'rec':>6} {'KL':>7}"
+    head += f" {'CE clean':>8} {'spliced':>8} {'ΔCE':>7} {'±se':>6} {'rec':>6} {'KL':>7}"
     lines = [f"held-out: {out['documents']} documents, {out['rows']:,} rows of {out['store']}", head]
     for r in out["results"]:
         line = (f"{r['name'][:24]:<24} {r['kind']:<10} {r['d_sae']:>7} {r['l0']:>8.1f} {r['fvu']:>7.4f} "
@@ -138,7 +138,7 @@ def _eval_table(out: dict) -> str:
         lm = r["lm"]
         if lm:
             line += (f" {lm['clean_ce']:>8.3f} {lm['spliced_ce']:>8.3f} {lm['delta_loss']:>7.3f} "
-                     f"{lm['ce_loss_recovered']:>6.3f} {lm['kl']:>7.4f}")
+                     f"{lm.get('delta_loss_se', float('nan')):>6.3f} {lm['ce_loss_recovered']:>6.3f} {lm['kl']:>7.4f}")
         lines.append(line)
     for r in out["results"]:
         sel = r.get("selectivity")

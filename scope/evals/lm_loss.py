@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -54,9 +54,40 @@ class LMLossMetrics:
     kl: float  # mean over predicted positions of KL(p_clean ‖ p_spliced)
     splice_bos: bool
     output_hook: str | None = None  # the hook replaced and zero-ablated, where it differs from ``hook`` (transcoders)
+    delta_loss_se: float = float("nan")  # standard error of delta_loss, windows as the sampling unit
+    window_tokens: list[int] = field(default_factory=list)  # predicted positions per window, in evaluation order
+    window_delta: list[float] = field(default_factory=list)  # Σ (spliced − clean) NLL per window: paired comparisons
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def ratio_se(sums: Sequence[float], tokens: Sequence[int]) -> float:
+    """Standard error of Σ sums / Σ tokens with the windows as independent draws (the delta method for a ratio).
+
+    Tokens within a window are correlated (one document, one context), so a per-token standard error would
+    be too small; across windows the per-window excess d_i − R·n_i has mean zero, and
+    var(R) ≈ Σ (d_i − R·n_i)² / (W (W − 1) n̄²)."""
+    w = len(sums)
+    if w < 2 or w != len(tokens):
+        return float("nan")
+    d, n = torch.tensor(sums, dtype=torch.float64), torch.tensor(tokens, dtype=torch.float64)
+    ratio = d.sum() / n.sum()
+    return float(((d - ratio * n).pow(2).sum() / (w * (w - 1))).sqrt() / n.mean())
+
+
+def paired_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[float, float]:
+    """(delta loss of ``b`` − delta loss of ``a``, its standard error) from two evaluations on the same windows.
+
+    Both dictionaries see the same tokens, so most of each one's sampling noise cancels in the difference:
+    its standard error is far below either delta loss's own. ``a`` and ``b`` are ``LMLossMetrics.to_dict()``
+    outputs; they must carry per-window sums over the same windows (the same held-out view and LM tokens).
+    """
+    if not a.get("window_tokens") or a.get("window_tokens") != b.get("window_tokens"):
+        raise ScopeError("paired_difference needs two LM-loss evaluations with per-window sums over the same "
+                         "windows (the same held-out documents and lm_tokens); evaluate both again with this scope")
+    diff = [y - x for x, y in zip(a["window_delta"], b["window_delta"])]
+    return sum(diff) / sum(a["window_tokens"]), ratio_se(diff, a["window_tokens"])
 
 
 def _replacement(sae: Dictionary, mode: Mode, splice_bos: bool) -> Callable[..., torch.Tensor]:
@@ -90,10 +121,10 @@ def _log_probs(model: LoadedModel, toks: torch.Tensor, mask: torch.Tensor,
     return lp
 
 
-def _nll_sum(lp: torch.Tensor, toks: torch.Tensor, keep: torch.Tensor) -> float:
-    """Σ −log p(next token) over the kept positions."""
+def _nll_rows(lp: torch.Tensor, toks: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Σ −log p(next token) over each window's kept positions, in float64: ``[batch]``."""
     nll = -lp[:, :-1].gather(-1, toks[:, 1:, None]).squeeze(-1)
-    return float(nll[keep].double().sum())
+    return (nll.double() * keep).sum(-1).cpu()
 
 
 def _kl_sum(lp_p: torch.Tensor, lp_q: torch.Tensor, keep: torch.Tensor) -> float:
@@ -141,6 +172,8 @@ def lm_losses_on_windows(
     zero = [(out_hook, _replacement(first, "zero", splice_bos))]
     n = clean = zeroed = 0.0
     spliced_nll = dict.fromkeys(saes, 0.0)
+    window_tokens: list[int] = []
+    window_delta: dict[str, list[float]] = {name: [] for name in saes}
     kl = dict.fromkeys(saes, 0.0)
     bar = tqdm(total=sum(len(w.tokens) for w in windows), desc="lm loss", unit="tok", disable=not progress,
                dynamic_ncols=True)
@@ -149,17 +182,21 @@ def lm_losses_on_windows(
         # Right padding: a target is real iff its own position is; earlier positions never see pads.
         keep = mask[:, 1:].bool()
         n += float(keep.sum())
+        window_tokens += keep.sum(-1).tolist()
         lp_clean = _log_probs(model, toks, mask, [])
-        clean += _nll_sum(lp_clean, toks, keep)
+        clean_rows = _nll_rows(lp_clean, toks, keep)
+        clean += float(clean_rows.sum())
         for name, sae in saes.items():
             with spliced(model, {hook: sae}, splice_bos=splice_bos, record=False):
                 lp = _log_probs(model, toks, mask, [])
-            spliced_nll[name] += _nll_sum(lp, toks, keep)
+            rows = _nll_rows(lp, toks, keep)
+            spliced_nll[name] += float(rows.sum())
+            window_delta[name] += (rows - clean_rows).tolist()
             kl[name] += _kl_sum(lp_clean, lp, keep)
             del lp  # free each spliced copy before the next is made
         del lp_clean
         lp = _log_probs(model, toks, mask, zero)
-        zeroed += _nll_sum(lp, toks, keep)
+        zeroed += float(_nll_rows(lp, toks, keep).sum())
         del lp
         bar.update(int(mask.sum()))
     bar.close()
@@ -168,7 +205,9 @@ def lm_losses_on_windows(
         hook=hook, windows=len(windows), tokens=int(n), clean_ce=ce_c, spliced_ce=spliced_nll[name] / n,
         zero_ce=ce_z, delta_loss=spliced_nll[name] / n - ce_c,
         ce_loss_recovered=(ce_z - spliced_nll[name] / n) / (ce_z - ce_c) if ce_z != ce_c else float("nan"),
-        kl=kl[name] / n, splice_bos=splice_bos, output_hook=None if out_hook == hook else out_hook)
+        kl=kl[name] / n, splice_bos=splice_bos, output_hook=None if out_hook == hook else out_hook,
+        delta_loss_se=ratio_se(window_delta[name], window_tokens), window_tokens=window_tokens,
+        window_delta=window_delta[name])
         for name in saes}
 
 
