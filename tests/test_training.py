@@ -20,7 +20,7 @@ from scope.dictionaries import build, load
 from scope.dictionaries.jumprelu import JumpReLUFn, StepFn
 from scope.dictionaries.topk import statistical_threshold
 from scope.errors import ScopeError
-from scope.training.trainer import dead_window_for
+from scope.training.trainer import _clipped, dead_window_for
 from scope.training import load_config, train
 
 from test_store import synthetic_store
@@ -263,6 +263,18 @@ def test_max_grad_norm_clips_the_gradient_and_the_log_has_its_norm(synth, tmp_pa
     rows = [yaml.safe_load(line) for line in (tmp_path / "own" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["topk-64-k4/fvu"] > 0.95 * rows[0]["topk-64-k4/fvu"]
     assert rows[-1]["jumprelu-64-l0.01/fvu"] < 0.8 * rows[0]["jumprelu-64-l0.01/fvu"]
+
+
+def test_max_grad_norm_leaves_a_jumprelus_thresholds_out():
+    sae = build({"kind": "jumprelu", "d_in": 8, "d_sae": 16, "threshold_init": 0.1})
+    for p in sae.parameters():
+        p.grad = torch.ones_like(p)
+    sae.threshold.grad.fill_(1e3)  # θ's pseudo-gradient is ~1/ε times the others'
+    clipped = _clipped(sae)
+    assert all(p is not sae.threshold for p in clipped) and len(clipped) == len(list(sae.parameters())) - 1
+    norm = torch.nn.utils.clip_grad_norm_(clipped, 1.0)
+    assert float(norm) == pytest.approx(sum(p.numel() for p in clipped) ** 0.5)  # the norm without θ's
+    assert torch.all(sae.threshold.grad == 1e3) and float(sae.W_enc.grad.norm()) < 1.0
 
 
 def test_a_run_saved_before_a_new_config_field_still_resumes(synth, tmp_path):

@@ -115,7 +115,8 @@ class TrainerSettings(_Strict):
     dead_window_steps: int = Field(1000, gt=0, description="dead latents: firing frequency over this many last steps")
     dead_frequency: float = Field(1e-5, ge=0, description="a latent firing on fewer than this fraction of rows is dead")
     max_grad_norm: float | None = Field(
-        None, gt=0, description="clip each dictionary's gradient to this global norm before the Adam step (off by default)")
+        None, gt=0, description="clip each dictionary's gradient to this global norm before the Adam step (off by "
+                                "default); a JumpReLU's trained thresholds are left out of the norm and the clip")
     max_norm_ratio: float | None = Field(
         None, gt=0, description="skip rows whose norm exceeds this multiple of the median norm (outlier tokens)")
 
