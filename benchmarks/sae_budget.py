@@ -104,6 +104,15 @@ def budget_for_lead(first: Fit, second: Fit, lead: float, start: float) -> float
     return None
 
 
+def largest_gap(first: Fit, second: Fit, start: float) -> tuple[float, float]:
+    """(budget, gap) where ``second``'s fitted delta exceeds ``first``'s the most, between ``start`` and 10¹².
+
+    Both fits fall towards zero, so their difference does too: a gap that opens with budget peaks and closes
+    again, and a lead in nats is bounded even when the ratio of the two keeps growing."""
+    grid = [start * 1.05 ** i for i in range(int(math.log(1e12 / start) / math.log(1.05)) + 1)]
+    return max(((b, second.at(b) - first.at(b)) for b in grid), key=lambda t: t[1])
+
+
 def gaps(points: list[Point], first: str, second: str) -> dict[int, tuple[float, float | None]]:
     """Per budget where both were evaluated: second's delta loss − first's, and its paired standard error
     (None when either evaluation predates per-window sums)."""
@@ -180,12 +189,14 @@ def main() -> None:
     if not points:
         raise SystemExit("no study has final evaluations of " + " or ".join(names) + ":\n  " + "\n  ".join(notes))
     fits = [f for f in (power_fit(n, points) for n in names) if f is not None]
-    lead_at = None
+    lead_at = peak = None
     if len(fits) == 2:
         lead_at = budget_for_lead(fits[0], fits[1], args.lead, max(p.token_steps for p in points))
+        peak = largest_gap(fits[0], fits[1], min(p.token_steps for p in points))
     report = {"points": [{k: v for k, v in asdict(p).items() if k != "lm"} for p in points],
               "gaps": [{"token_steps": b, "gap": g, "gap_se": se} for b, (g, se) in gaps(points, *names).items()],
-              "fits": [asdict(f) for f in fits], "lead": args.lead, "lead_budget": lead_at, "notes": notes}
+              "fits": [asdict(f) for f in fits], "lead": args.lead, "lead_budget": lead_at,
+              "largest_fitted_gap": None if peak is None else {"token_steps": peak[0], "gap": peak[1]}, "notes": notes}
     written = write_results(args.out, "budget.json", report, {"sae_quality_budget": figure(points, fits)})
     if args.figures:
         shutil.copy(written["sae_quality_budget"], Path(args.figures) / "sae_quality_budget.html")
@@ -195,6 +206,12 @@ def main() -> None:
         fit_lines.append(f"a {args.lead} nats lead of {args.first} over {args.second}: " + (
             f"at ~{lead_at / 1e6:,.0f}M token-steps if the fits held that far (an extrapolation)" if lead_at
             else "not reached by the fits (up to 10^12 token-steps)"))
+        nxt = 2 * max(p.token_steps for p in points)
+        fit_lines.append(f"the fits at {nxt / 1e6:,.0f}M token-steps (twice the largest budget measured, a prediction to "
+                         f"test): {fits[0].name} {fits[0].at(nxt):.3f}, {fits[1].name} {fits[1].at(nxt):.3f}, gap "
+                         f"{fits[1].at(nxt) - fits[0].at(nxt):+.3f}")
+        fit_lines.append(f"the fits' largest gap: {peak[1]:+.3f} nats at ~{peak[0] / 1e6:,.0f}M token-steps "
+                         "(both fall towards zero, so the gap in nats closes again beyond it)")
     if args.markdown:
         Path(args.markdown).write_text(md + "\n\n" + "\n".join(f"- {line}" for line in fit_lines) + "\n")
     if args.json:
