@@ -84,8 +84,9 @@ def final_points(config: str, run: str, names: list[str]) -> tuple[list[Point], 
 
 
 def power_fit(name: str, points: list[Point]) -> Fit | None:
-    """The least-squares line through (log budget, log delta); None with fewer than two budgets."""
-    pts = [(math.log(p.token_steps), math.log(p.delta_loss)) for p in points if p.name == name]
+    """The least-squares line through (log budget, log delta); None with fewer than two budgets.
+    A delta loss at or below zero (a dictionary no worse than the model itself) has no logarithm and is left out."""
+    pts = [(math.log(p.token_steps), math.log(p.delta_loss)) for p in points if p.name == name and p.delta_loss > 0]
     if len(pts) < 2:
         return None
     mx = sum(x for x, _ in pts) / len(pts)

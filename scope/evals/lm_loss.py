@@ -124,7 +124,7 @@ def _log_probs(model: LoadedModel, toks: torch.Tensor, mask: torch.Tensor,
 def _nll_rows(lp: torch.Tensor, toks: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Σ −log p(next token) over each window's kept positions, in float64: ``[batch]``."""
     nll = -lp[:, :-1].gather(-1, toks[:, 1:, None]).squeeze(-1)
-    return (nll.double() * keep).sum(-1).cpu()
+    return torch.where(keep, nll.double(), 0.0).sum(-1).cpu()  # where, not a product: nothing from a pad leaks in
 
 
 def _kl_sum(lp_p: torch.Tensor, lp_q: torch.Tensor, keep: torch.Tensor) -> float:
