@@ -77,6 +77,11 @@ VARIANTS = {
     # Twice the budget on twice the text (2026-12-05): the 1.2M run above lost latents to 12 epochs of 100k rows.
     **{f"quad-aux8-2k-btk{pct}-1m2-200k": batchtopk_variant(pct, train_tokens=1_200_000, tokens=200_000)
        for pct in (20, 50)},
+    # θ on its own learning rate (the 10M recipe's 5e-5; the quickstart's θ moves at lr 1e-3, ~10 % of θ a step):
+    # does it stop the late loss of latents the longer runs show?
+    **{f"quad-aux8-2k-btk20{tag}-thlr": Variant(v.label + ", θ lr 5e-5", v.dictionary | {"threshold_lr": 5e-5},
+                                                 v.trainer, v.tokens)
+       for tag, v in (("", batchtopk_variant(20)), ("-1m2", batchtopk_variant(20, train_tokens=1_200_000)))},
     "quad-aux8-btk80": batchtopk_variant(80, d_sae=4096),
     "quad-aux32-200k": Variant("quadratic, AuxK 1/32, 200k-token store", QUADRATIC | {"aux_coeff": 1 / 32},
                                tokens=200_000),
