@@ -11,6 +11,7 @@ one manifest. One capture at a time holds a folder's lock file.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
@@ -294,10 +295,18 @@ def _lock_owner(fs: StoreFS) -> str:
         return "a process that has just started"
 
 
+def _leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed() -> None:
     """Join the process group when launched by torchrun (gloo on CPU, NCCL on GPUs)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
+        # Left to the interpreter's teardown, gloo's threads can outlive the group and abort the process
+        # ("terminate called without an active exception") after the work is done: tear it down first.
+        atexit.register(_leave_group)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
