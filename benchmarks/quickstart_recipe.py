@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sweep import EVALS, evaluate_cached, run_study, timed_train, training_time
@@ -54,6 +54,11 @@ def batchtopk_variant(percent: int, d_sae: int = 2048, train_tokens: int = TRAIN
                    {"total_tokens": train_tokens} if longer else {}, tokens)
 
 
+def slow_theta(v: Variant) -> Variant:
+    """The variant with θ on its own learning rate, 5e-5 (the 10M recipe's)."""
+    return replace(v, label=v.label + ", θ lr 5e-5", dictionary=v.dictionary | {"threshold_lr": 5e-5})
+
+
 # tanh-old is the recipe the quickstart shipped until 2026-12-03; the rest are the quadratic-penalty candidates
 # (each spells out its options, so a later change to the quickstart's own recipe does not change them).
 VARIANTS = {
@@ -79,9 +84,8 @@ VARIANTS = {
        for pct in (20, 50)},
     # θ on its own learning rate (the 10M recipe's 5e-5; the quickstart's θ moves at lr 1e-3, ~10 % of θ a step):
     # does it stop the late loss of latents the longer runs show?
-    **{f"quad-aux8-2k-btk20{tag}-thlr": Variant(v.label + ", θ lr 5e-5", v.dictionary | {"threshold_lr": 5e-5},
-                                                 v.trainer, v.tokens)
-       for tag, v in (("", batchtopk_variant(20)), ("-1m2", batchtopk_variant(20, train_tokens=1_200_000)))},
+    "quad-aux8-2k-btk20-thlr": slow_theta(batchtopk_variant(20)),
+    "quad-aux8-2k-btk20-1m2-thlr": slow_theta(batchtopk_variant(20, train_tokens=1_200_000)),
     "quad-aux8-btk80": batchtopk_variant(80, d_sae=4096),
     "quad-aux32-200k": Variant("quadratic, AuxK 1/32, 200k-token store", QUADRATIC | {"aux_coeff": 1 / 32},
                                tokens=200_000),

@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import plotly.graph_objects as go
-from sweep import EVALS, run_study
+from sweep import EVALS, plus_minus, run_study
 
 from scope.analysis.output import write_results
+from scope.errors import ScopeError
 from scope.evals.lm_loss import paired_difference
 from scope.training import load_config
 
@@ -70,7 +71,11 @@ def final_points(config: str, run: str, names: list[str]) -> tuple[list[Point], 
     path = Path(run) / EVALS
     if not path.exists():
         return [], f"{run}: no {EVALS} yet (train, then run benchmarks/sae_quality.py --no-train --config {config} --out {run})"
-    cache = json.loads(path.read_text())
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{path}: not a readable evaluation cache ({err}); delete it and run benchmarks/sae_quality.py "
+                         f"--no-train --config {config} --out {run} to evaluate again") from None
     points = []
     for name in names:
         r = cache.get(f"{name}@{final_step}")
@@ -95,14 +100,14 @@ def power_fit(name: str, points: list[Point]) -> Fit | None:
     return Fit(name, math.exp(my - slope * mx), -slope, len(pts))
 
 
+def _grid(start: float) -> list[float]:
+    """Budgets from ``start`` to 10¹², 5 % apart."""
+    return [start * 1.05 ** i for i in range(int(math.log(1e12 / start) / math.log(1.05)) + 1)]
+
+
 def budget_for_lead(first: Fit, second: Fit, lead: float, start: float) -> float | None:
     """The smallest budget ≥ ``start`` (up to 10¹²) at which ``second``'s fitted delta exceeds ``first``'s by ``lead``."""
-    budget = start
-    while budget <= 1e12:
-        if second.at(budget) - first.at(budget) >= lead:
-            return budget
-        budget *= 1.05
-    return None
+    return next((b for b in _grid(start) if second.at(b) - first.at(b) >= lead), None)
 
 
 def largest_gap(first: Fit, second: Fit, start: float) -> tuple[float, float]:
@@ -110,8 +115,7 @@ def largest_gap(first: Fit, second: Fit, start: float) -> tuple[float, float]:
 
     Both fits fall towards zero, so their difference does too: a gap that opens with budget peaks and closes
     again, and a lead in nats is bounded even when the ratio of the two keeps growing."""
-    grid = [start * 1.05 ** i for i in range(int(math.log(1e12 / start) / math.log(1.05)) + 1)]
-    return max(((b, second.at(b) - first.at(b)) for b in grid), key=lambda t: t[1])
+    return max(((b, second.at(b) - first.at(b)) for b in _grid(start)), key=lambda t: t[1])
 
 
 def gaps(points: list[Point], first: str, second: str) -> dict[int, tuple[float, float | None]]:
@@ -122,8 +126,10 @@ def gaps(points: list[Point], first: str, second: str) -> dict[int, tuple[float,
         row = {p.name: p for p in points if p.token_steps == budget}
         if first in row and second in row:
             a, b = row[first].lm, row[second].lm
-            se = paired_difference(a, b)[1] if a.get("window_tokens") and a.get("window_tokens") == b.get(
-                "window_tokens") else None
+            try:
+                se = paired_difference(a, b)[1]
+            except ScopeError:
+                se = None
             out[budget] = (b["delta_loss"] - a["delta_loss"], se)
     return out
 
@@ -134,15 +140,11 @@ def table(points: list[Point], first: str, second: str) -> str:
     lines = [f"| token-steps | {first}: delta, L0, dead | {second}: delta, L0, dead | gap ({second} − {first}) |",
              "| ---: | ---: | ---: | ---: |"]
     paired = gaps(points, first, second)
-
-    def pm(se: float | None) -> str:
-        return "" if se is None or math.isnan(se) else f" ± {se:.3f}"
-
     for budget in sorted({p.token_steps for p in points}):
         row = {p.name: p for p in points if p.token_steps == budget}
-        cells = [f"{row[n].delta_loss:.3f}{pm(row[n].delta_loss_se)}, {row[n].l0:.1f}, {row[n].dead_fraction:.1%}"
+        cells = [f"{row[n].delta_loss:.3f}{plus_minus(row[n].delta_loss_se)}, {row[n].l0:.1f}, {row[n].dead_fraction:.1%}"
                  if n in row else "—" for n in (first, second)]
-        gap = f"{paired[budget][0]:+.3f}{pm(paired[budget][1])}" if budget in paired else "—"
+        gap = f"{paired[budget][0]:+.3f}{plus_minus(paired[budget][1])}" if budget in paired else "—"
         lines.append(f"| {budget / 1e6:.1f}M | {cells[0]} | {cells[1]} | {gap} |")
     return "\n".join(lines)
 

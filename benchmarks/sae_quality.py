@@ -29,7 +29,7 @@ import shutil
 from pathlib import Path
 
 import plotly.graph_objects as go
-from sweep import EVALS, evaluate_cached, run_study, sweep_parser, train_sweep
+from sweep import EVALS, evaluate_cached, plus_minus, run_study, sweep_parser, train_sweep
 
 from scope.analysis.output import write_results
 from scope.store import ActivationStore
@@ -47,15 +47,9 @@ def table(results: list[dict], store: str, tokens: int) -> str:
         lm = r["lm"] or {}
         lines.append(f"| {r['name'].rsplit('@', 1)[0]} | {r['kind']} | {r['d_sae']:,} | {r['l0']:.1f} | {r['fvu']:.3f} | "
                      f"{r['dead_fraction']:.1%} | {lm.get('clean_ce', float('nan')):.3f} | "
-                     f"{lm.get('spliced_ce', float('nan')):.3f} | {lm.get('delta_loss', float('nan')):.3f}{_se(lm)} | "
+                     f"{lm.get('spliced_ce', float('nan')):.3f} | {lm.get('delta_loss', float('nan')):.3f}{plus_minus(lm.get('delta_loss_se'))} | "
                      f"{lm.get('ce_loss_recovered', float('nan')):.1%} | {lm.get('kl', float('nan')):.3f} |")
     return "\n".join(lines)
-
-
-def _se(lm: dict) -> str:
-    """' ± SE' of the delta loss where the evaluation has a standard error (caches before 2026-12-05 lack it)."""
-    se = lm.get("delta_loss_se")
-    return "" if se is None or se != se else f" ± {se:.3f}"
 
 
 PARTS = "parts"

@@ -76,6 +76,11 @@ def training_time(cfg: TrainConfig, out: Path) -> dict:
     return {"wall_s": None, "steps": cfg.trainer.total_tokens // cfg.trainer.batch_size, **recorded}
 
 
+def plus_minus(se: float | None) -> str:
+    """' ± SE' to follow a figure, or nothing where there is no standard error (None, or NaN from one window)."""
+    return "" if se is None or se != se else f" ± {se:.3f}"
+
+
 def run_study(main: Callable[[], None]) -> None:
     """Run a study's ``main``: a ScopeError or a refused flag is one line on stderr and exit status 2, no traceback."""
     try:

@@ -138,7 +138,7 @@ def _eval_table(out: dict) -> str:
         lm = r["lm"]
         if lm:
             line += (f" {lm['clean_ce']:>8.3f} {lm['spliced_ce']:>8.3f} {lm['delta_loss']:>7.3f} "
-                     f"{lm.get('delta_loss_se', float('nan')):>6.3f} {lm['ce_loss_recovered']:>6.3f} {lm['kl']:>7.4f}")
+                     f"{lm['delta_loss_se']:>6.3f} {lm['ce_loss_recovered']:>6.3f} {lm['kl']:>7.4f}")
         lines.append(line)
     for r in out["results"]:
         sel = r.get("selectivity")
