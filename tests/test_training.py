@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from scope.dictionaries import build, load
 from scope.dictionaries.jumprelu import JumpReLUFn, StepFn
+from scope.dictionaries.sparse import SEARCH_GROUP, _at_or_above_zero, encode_pairs
 from scope.dictionaries.topk import statistical_threshold
 from scope.errors import ScopeError
 from scope.training.trainer import _clipped, dead_window_for
@@ -85,6 +86,34 @@ def test_topk_and_batchtopk_select_k_per_row_or_per_batch():
         d = build({"kind": "topk", "d_in": 16, "d_sae": 64, "k": 4, "selection": selection})
         parts = d.loss(x, sparse=False)
         assert check(parts.codes)
+
+
+@pytest.mark.parametrize("width", [SEARCH_GROUP * 8, SEARCH_GROUP * 8 + 3])
+def test_the_grouped_search_finds_exactly_the_entries_at_or_above_zero(width):
+    torch.manual_seed(0)
+    block = torch.randn(37, width) - 2.0
+    block[3] = -1.0  # a row with nothing
+    block[5, :40] = 1.0  # a dense row: whole groups at once
+    block[7, 11] = 0.0  # exactly zero counts (z ≥ floor)
+    block[8, width - 1] = -0.0
+    want = (block.view(-1) >= 0).nonzero().squeeze(1)
+    got = _at_or_above_zero(block)
+    assert int(block[7, 11] >= 0) and 7 * width + 11 in got.tolist()
+    assert torch.equal(got, want)  # the same indices, ascending (row-major)
+
+
+def test_encode_pairs_gives_the_dense_pairs_and_pre_activations():
+    torch.manual_seed(1)
+    xin, W, b = torch.randn(600, 24), torch.randn(24, SEARCH_GROUP * 8), torch.randn(SEARCH_GROUP * 8) * 0.1
+    z = xin @ W + b
+    floor = z.quantile(0.97, dim=0)  # about 4 % of each column, some rows with none
+    ids = torch.tensor([2, 50, SEARCH_GROUP * 8 - 1])
+    enc = encode_pairs(xin, W, b, floor, column_ids=ids)
+    r, c = (z >= floor).nonzero().unbind(1)
+    assert torch.equal(enc.rows, r) and torch.equal(enc.cols, c)
+    torch.testing.assert_close(enc.values, z[r, c])
+    torch.testing.assert_close(enc.columns, z[:, ids])
+    assert encode_pairs(xin, W, b, floor, max_pairs=len(r) - 1) is None
 
 
 @pytest.mark.parametrize("cfg", [

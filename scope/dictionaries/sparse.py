@@ -94,6 +94,9 @@ class GatheredPre(torch.autograd.Function):
 # as fast as one over the whole batch (64 rows cost 1.4x at 16,384 latents) while its pre-activations stay in
 # cache. A GPU takes the batch as one block: each block's nonzero waits for the device.
 BLOCK_ROWS = 256
+# Latents per group in a CPU block's search (_at_or_above_zero): 16 and 32 measured within run-to-run noise of
+# each other at 4,096 and 16,384 latents (benchmarks/sae_train.py, docs/benchmarks.md).
+SEARCH_GROUP = 16
 
 
 @dataclass
@@ -106,36 +109,57 @@ class Pairs:
     columns: torch.Tensor | None  # [batch, len(column_ids)], or None when none were asked for
 
 
+def _at_or_above_zero(block: torch.Tensor) -> torch.Tensor:
+    """Ascending flat indices (row · width + col) of the entries ≥ 0 of a [rows, width] block.
+
+    On a CPU a comparison over the whole block and ``nonzero`` over its mask cost, per element, more than a third
+    of the product that wrote the block (they are not vectorised for a boolean result). Instead the block is read
+    once for the maxima of groups of ``SEARCH_GROUP`` latents spaced width/SEARCH_GROUP apart, a reduction over a
+    middle dimension that torch vectorises along the last; only the members of the (row, group) pairs whose
+    maximum is ≥ 0, about L0 of them per row, are compared one by one, and a sort restores row-major order.
+    """
+    rows, width = block.shape
+    if block.device.type != "cpu" or width % SEARCH_GROUP:
+        return (block.view(-1) >= 0).nonzero().squeeze(1)
+    n = width // SEARCH_GROUP
+    hit = (block.view(rows, SEARCH_GROUP, n).amax(1) >= 0).view(-1).nonzero().squeeze(1)  # row · n + group
+    row = hit // n
+    members = (hit + row * (width - n)).unsqueeze(1) + torch.arange(0, width, n)  # row · width + group + i · n
+    members = members.view(-1)
+    return members[block.view(-1).take(members) >= 0].sort().values
+
+
 @torch.no_grad()
 def encode_pairs(xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, floor: torch.Tensor,
                  column_ids: torch.Tensor | None = None, max_pairs: int | None = None) -> Pairs | None:
     """The pairs where z = xin W_enc + b_enc ≥ ``floor`` (one value per latent), without autograd.
 
-    The encoder product runs in blocks of rows and each block is compared, searched and gathered while it is
-    in cache; the bias is folded into the floor, so the [batch × d_sae] pre-activations are never written
-    whole (on one thread at 4,096 latents that pass and the bias's cost 15 % of x·W_enc). ``column_ids``
-    also returns those columns of z whole (AuxK ranks the dead latents' pre-activations). None as soon as
-    there are more than ``max_pairs`` pairs: the caller's dense path is cheaper then.
+    The encoder product runs in blocks of rows; each block has ``floor − b_enc`` taken off in place (z ≥ floor
+    exactly where the difference is ≥ 0, and the pairs' z is the difference plus ``floor``) and is searched
+    while it is in cache, so the [batch × d_sae] pre-activations are never written whole. ``column_ids`` also
+    returns those columns of z whole (AuxK ranks the dead latents' pre-activations). None as soon as there are
+    more than ``max_pairs`` pairs: the caller's dense path is cheaper then.
     """
-    shifted = floor.float() - b_enc.float()
+    floor = floor.float()
+    shifted = floor - b_enc.float()
+    width = W_enc.shape[1]
     rows, cols, values, columns, found = [], [], [], [], 0
     step = BLOCK_ROWS if xin.device.type == "cpu" else max(1, xin.shape[0])
     for start in range(0, xin.shape[0], step):
-        block = (xin[start:start + step] @ W_enc).float()
-        idx = (block >= shifted).nonzero()
-        found += idx.shape[0]
+        block = (xin[start:start + step] @ W_enc).float().sub_(shifted)
+        flat = _at_or_above_zero(block)
+        found += flat.shape[0]
         if max_pairs is not None and found > max_pairs:
             return None
-        r, c = idx[:, 0], idx[:, 1]
+        r = flat // width
         rows.append(r + start)
-        cols.append(c)
-        values.append(block[r, c])
+        cols.append(flat - r * width)
+        values.append(block.view(-1)[flat])
         if column_ids is not None:
             columns.append(block.index_select(1, column_ids))
     cols_all = torch.cat(cols)
-    bias = b_enc.float()
-    return Pairs(torch.cat(rows), cols_all, torch.cat(values) + bias[cols_all],
-                 None if column_ids is None else torch.cat(columns) + bias[column_ids])
+    return Pairs(torch.cat(rows), cols_all, torch.cat(values) + floor[cols_all],
+                 None if column_ids is None else torch.cat(columns) + floor[column_ids])
 
 
 class SparseDecode(torch.autograd.Function):
