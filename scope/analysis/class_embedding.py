@@ -183,10 +183,14 @@ class DirectionClasses:
 
 
 @torch.no_grad()
-def direction_classes(space: ClassSpace, directions: torch.Tensor, k: int = 10, chunk: int = 256,
+def direction_classes(space: ClassSpace, directions: torch.Tensor, k: int = 10, chunk: int = 64,
                       bins: int = 0) -> DirectionClasses:
     """Top and bottom ``k`` classes of each direction ``[n, d]`` (value vectors, decoder rows) through the final norm;
-    with ``bins``, also a histogram of its logits over every class."""
+    with ``bins``, also a histogram of its logits over every class.
+
+    Every product has the same shape, ``chunk`` rows (the last chunk padded with zeros): a BLAS picks its kernel by
+    shape, and a direction's logits moved in their last bits with the number of rows beside it, enough to move a
+    logit across a histogram edge, so a feature's dashboard depended on which features were published with it."""
     if directions.ndim != 2:
         raise ScopeError(f"directions must be a matrix [n, d], got shape {tuple(directions.shape)}")
     k = min(k, space.n_classes)
@@ -194,7 +198,9 @@ def direction_classes(space: ClassSpace, directions: torch.Tensor, k: int = 10, 
     for a in range(0, len(directions), chunk):
         # A direction carries no bias, and the soft-cap is monotone: rank by the embedding alone.
         d = directions[a : a + chunk].to(space.embedding.device, space.embedding.dtype)
-        z = space.norm(d) @ space.embedding.T
+        n = len(d)
+        d = torch.cat([d, d.new_zeros(chunk - n, d.shape[1])]) if n < chunk else d
+        z = (space.norm(d) @ space.embedding.T)[:n]
         top, bot = z.topk(k, -1), z.topk(k, -1, largest=False)
         parts.append((top.indices.cpu(), top.values.float().cpu(), bot.indices.cpu(), bot.values.float().cpu()))
         if bins:
@@ -208,8 +214,7 @@ def _row_histograms(z: torch.Tensor, bins: int) -> tuple[list[list[float]], list
     """Edges and counts of a histogram of each row of ``z`` in about ``bins`` bins of a round width (1, 2 or 5
     times a power of ten) starting at a multiple of it.
 
-    Round edges are the same whichever rows share the batch (the logits of one direction move in their
-    last bits with the batch's shape), and they read well on an axis.
+    Round edges read well on an axis.
     """
     z = z.double()
     lo, hi = z.amin(-1), z.amax(-1)
