@@ -87,6 +87,17 @@ VARIANTS = {
     "quad-aux8-2k-btk20-thlr": slow_theta(batchtopk_variant(20)),
     "quad-aux8-2k-btk20-1m2-thlr": slow_theta(batchtopk_variant(20, train_tokens=1_200_000)),
     "quad-aux8-btk80": batchtopk_variant(80, d_sae=4096),
+    # The quickstart's latents that never fire on the held-out rows fire on fewer than ~1e-4 of rows, 10x below the
+    # trainer's default dead frequency (1e-5), so AuxK and the pre-activation loss never see them (2026-12-05,
+    # session 10): count a latent dead below 1e-4 or 3e-4 of the window's rows instead.
+    **{f"quad-aux8-2k-btk20-dead{f}": replace(batchtopk_variant(20), label=batchtopk_variant(20).label + f", dead < {f}",
+                                             trainer={"dead_frequency": float(f)}) for f in ("1e-4", "3e-4")},
+    # The same two recipes from another seed (the run-to-run spread of the dead fraction is about a point).
+    "quad-aux8-2k-btk20-seed1": replace(batchtopk_variant(20), label=batchtopk_variant(20).label + ", seed 1",
+                                        trainer={"seed": 1}),
+    "quad-aux8-2k-btk20-dead1e-4-seed1": replace(
+        batchtopk_variant(20), label=batchtopk_variant(20).label + ", dead < 1e-4, seed 1",
+        trainer={"dead_frequency": 1e-4, "seed": 1}),
     "quad-aux32-200k": Variant("quadratic, AuxK 1/32, 200k-token store", QUADRATIC | {"aux_coeff": 1 / 32},
                                tokens=200_000),
 }
@@ -103,7 +114,7 @@ def variant_config(store: str, name: str):
     v = VARIANTS[name]
     data = quickstart_config(store, d_sae=4096, train_tokens=TRAIN_TOKENS, batch_size=BATCH).model_dump(exclude_unset=True)
     data["dictionaries"][0].update(v.dictionary)
-    data["trainer"].update(v.trainer)
+    data["trainer"].update({"dead_frequency": 1e-5} | v.trainer)  # the trainer's default, not the quickstart's 1e-4
     return load_config(data=data)
 
 

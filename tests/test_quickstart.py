@@ -45,3 +45,15 @@ def test_the_command_runs_the_library_with_its_defaults():
     flags = {p.name: p.default for p in command.params if p.name != "as_json"}
     library = {n: p.default for n, p in inspect.signature(run_quickstart).parameters.items() if n != "log"}
     assert flags == library
+
+
+def test_the_quickstart_recipe_counts_rare_latents_as_dead_only_when_its_window_can_see_them():
+    from scope.quickstart import QUICKSTART_DEAD_FREQUENCY, quickstart_config
+
+    t = quickstart_config("store", d_sae=2048, train_tokens=600_000, batch_size=1024).trainer
+    # The default run: the revival losses reach latents firing below 1e-4 of a ~100k-row window.
+    assert t.dead_frequency == QUICKSTART_DEAD_FREQUENCY == 1e-4
+    assert t.dead_window_steps == 98 and t.dead_window_steps * t.batch_size * t.dead_frequency >= 10
+    # A run too short for any dead window keeps the trainer's defaults rather than a window that could not act.
+    short = quickstart_config("store", d_sae=512, train_tokens=30_720, batch_size=512).trainer
+    assert "dead_frequency" not in short.model_fields_set and short.dead_frequency == 1e-5
