@@ -8,10 +8,13 @@ delta loss, L0 and dead latents per budget, the gap between two of them, and a p
 ``delta = a · budget^(−b)`` per dictionary that says at which budget the gap would reach ``--lead`` nats if the fits
 held beyond the budgets measured (an extrapolation, printed as one).
 
-Run:  python benchmarks/sae_budget.py [--study CONFIG=RUN ...] [--first NAME] [--second NAME] [--lead 0.05]
+Run:  python benchmarks/sae_budget.py [--study CONFIG=RUN[@NAME] ...] [--first NAME] [--second NAME] [--lead 0.05]
           [--figures DIR] [--markdown PATH] [--json]
 The defaults are the layer-6 studies at 5M, 10M, 20M and 40M token-steps (``sae_configs/gemma-3-270m-res-l6-quality-
 *-4k.yaml`` with ``runs/quality-*``); a study whose final dictionaries are not evaluated yet is skipped with a note.
+``@NAME`` reads that study's NAME in place of ``--first``, for a length at which the recipe needed a change (the
+table says so): at 40M the shipped JumpReLU recipe collapsed at its hand-over from BatchTopK, and its 40M point is
+the same recipe with the BatchTopK phase capped at 16M token-steps (docs/methods/jumprelu.md).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from scope.evals.lm_loss import paired_difference
 from scope.training import load_config
 
 LENGTHS = ("5m", "10m", "20m", "40m")
-DEFAULT_STUDIES = [f"sae_configs/gemma-3-270m-res-l6-quality-{n}-4k.yaml=runs/quality-{n}" for n in LENGTHS]
+STAND_INS = {"40m": "jumprelu-btk16m-eps2e-3"}
+DEFAULT_STUDIES = [f"sae_configs/gemma-3-270m-res-l6-quality-{n}-4k.yaml=runs/quality-{n}"
+                   + (f"@{STAND_INS[n]}" if n in STAND_INS else "") for n in LENGTHS]
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class Point:
     lm_tokens: int
     delta_loss_se: float | None  # None for an evaluation cached before scope kept per-window sums
     lm: dict = field(repr=False, compare=False)  # the whole LM-loss evaluation, for paired differences
+    trained_as: str | None = None  # the study's own name for it, when a stand-in (CONFIG=RUN@NAME) replaced it
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,10 @@ class Fit:
         return self.a * token_steps ** -self.b
 
 
-def final_points(config: str, run: str, names: list[str]) -> tuple[list[Point], str | None]:
-    """The named dictionaries' final evaluations in one study, or a note saying why there are none."""
+def final_points(config: str, run: str, names: list[str], stand_in: dict[str, str] | None = None
+                 ) -> tuple[list[Point], str | None]:
+    """The named dictionaries' final evaluations in one study, or a note saying why there are none; ``stand_in``
+    maps a name to the study's dictionary read in its place."""
     cfg = load_config(config)
     final_step = cfg.trainer.total_tokens // cfg.trainer.batch_size
     path = Path(run) / EVALS
@@ -76,15 +84,22 @@ def final_points(config: str, run: str, names: list[str]) -> tuple[list[Point], 
     except (OSError, ValueError) as err:
         raise SystemExit(f"{path}: not a readable evaluation cache ({err}); delete it and run benchmarks/sae_quality.py "
                          f"--no-train --config {config} --out {run} to evaluate again") from None
+    stand_in = stand_in or {}
+    unknown = [n for n in stand_in.values() if n not in {d.name for d in cfg.dictionaries}]
+    if unknown:
+        raise SystemExit(f"--study {config}={run}@{unknown[0]}: {config} has no dictionary {unknown[0]!r}; it has "
+                         + ", ".join(d.name for d in cfg.dictionaries))
     points = []
     for name in names:
-        r = cache.get(f"{name}@{final_step}")
+        own = stand_in.get(name, name)
+        r = cache.get(f"{own}@{final_step}")
         if r is None or not r.get("lm"):
             continue
         lm = r["lm"]
         points.append(Point(name, final_step * cfg.trainer.batch_size, r["l0"], r["dead_fraction"], lm["delta_loss"],
-                            lm["ce_loss_recovered"], lm["kl"], r["lm_tokens"], lm.get("delta_loss_se"), lm))
-    missing = [n for n in names if n not in {p.name for p in points}]
+                            lm["ce_loss_recovered"], lm["kl"], r["lm_tokens"], lm.get("delta_loss_se"), lm,
+                            None if own == name else own))
+    missing = [stand_in.get(n, n) for n in names if n not in {p.name for p in points}]
     return points, (f"{run}: {', '.join(missing)} not evaluated at step {final_step}" if missing else None)
 
 
@@ -143,7 +158,7 @@ def table(points: list[Point], first: str, second: str) -> str:
     for budget in sorted({p.token_steps for p in points}):
         row = {p.name: p for p in points if p.token_steps == budget}
         cells = [f"{row[n].delta_loss:.3f}{plus_minus(row[n].delta_loss_se)}, {row[n].l0:.1f}, {row[n].dead_fraction:.1%}"
-                 if n in row else "—" for n in (first, second)]
+                 + (f" ({row[n].trained_as})" if row[n].trained_as else "") if n in row else "—" for n in (first, second)]
         gap = f"{paired[budget][0]:+.3f}{plus_minus(paired[budget][1])}" if budget in paired else "—"
         lines.append(f"| {budget / 1e6:.1f}M | {cells[0]} | {cells[1]} | {gap} |")
     return "\n".join(lines)
@@ -183,9 +198,11 @@ def main() -> None:
     names, points, notes = [args.first, args.second], [], []
     for study in args.study or DEFAULT_STUDIES:
         config, sep, run = study.partition("=")
-        if not sep or not Path(config).is_file():
-            raise SystemExit(f"--study {study!r}: expected CONFIG=RUN with CONFIG an existing sae_configs YAML file")
-        found, note = final_points(config, run, names)
+        run, at, own = run.partition("@")
+        if not sep or not Path(config).is_file() or (at and not own):
+            raise SystemExit(f"--study {study!r}: expected CONFIG=RUN or CONFIG=RUN@NAME with CONFIG an existing "
+                             "sae_configs YAML file and NAME one of its dictionaries")
+        found, note = final_points(config, run, names, {args.first: own} if own else None)
         points += found
         if note:
             notes.append(note)
