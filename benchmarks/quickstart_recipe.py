@@ -25,7 +25,7 @@ from scope.models import load_model
 from scope.quickstart import HOOK, MODEL, quickstart_config
 from scope.store import ActivationStore
 from scope.store.capture import capture_store
-from scope.training import load_config
+from scope.training import TrainerSettings, load_config
 
 @dataclass(frozen=True)
 class Variant:
@@ -59,6 +59,11 @@ def slow_theta(v: Variant) -> Variant:
     return replace(v, label=v.label + ", θ lr 5e-5", dictionary=v.dictionary | {"threshold_lr": 5e-5})
 
 
+def with_trainer(v: Variant, label: str, **trainer) -> Variant:
+    """The variant with these trainer options laid over its own, ``label`` added to its label."""
+    return replace(v, label=f"{v.label}, {label}", trainer=v.trainer | trainer)
+
+
 # tanh-old is the recipe the quickstart shipped until 2026-12-03; the rest are the quadratic-penalty candidates
 # (each spells out its options, so a later change to the quickstart's own recipe does not change them).
 VARIANTS = {
@@ -90,14 +95,12 @@ VARIANTS = {
     # The quickstart's latents that never fire on the held-out rows fire on fewer than ~1e-4 of rows, 10x below the
     # trainer's default dead frequency (1e-5), so AuxK and the pre-activation loss never see them (2026-12-05,
     # session 10): count a latent dead below 1e-4 or 3e-4 of the window's rows instead.
-    **{f"quad-aux8-2k-btk20-dead{f}": replace(batchtopk_variant(20), label=batchtopk_variant(20).label + f", dead < {f}",
-                                             trainer={"dead_frequency": float(f)}) for f in ("1e-4", "3e-4")},
+    **{f"quad-aux8-2k-btk20-dead{f}": with_trainer(batchtopk_variant(20), f"dead < {f}", dead_frequency=float(f))
+       for f in ("1e-4", "3e-4")},
     # The same two recipes from another seed (the run-to-run spread of the dead fraction is about a point).
-    "quad-aux8-2k-btk20-seed1": replace(batchtopk_variant(20), label=batchtopk_variant(20).label + ", seed 1",
-                                        trainer={"seed": 1}),
-    "quad-aux8-2k-btk20-dead1e-4-seed1": replace(
-        batchtopk_variant(20), label=batchtopk_variant(20).label + ", dead < 1e-4, seed 1",
-        trainer={"dead_frequency": 1e-4, "seed": 1}),
+    "quad-aux8-2k-btk20-seed1": with_trainer(batchtopk_variant(20), "seed 1", seed=1),
+    "quad-aux8-2k-btk20-dead1e-4-seed1": with_trainer(batchtopk_variant(20), "dead < 1e-4, seed 1",
+                                                      dead_frequency=1e-4, seed=1),
     "quad-aux32-200k": Variant("quadratic, AuxK 1/32, 200k-token store", QUADRATIC | {"aux_coeff": 1 / 32},
                                tokens=200_000),
 }
@@ -114,7 +117,8 @@ def variant_config(store: str, name: str):
     v = VARIANTS[name]
     data = quickstart_config(store, d_sae=4096, train_tokens=TRAIN_TOKENS, batch_size=BATCH).model_dump(exclude_unset=True)
     data["dictionaries"][0].update(v.dictionary)
-    data["trainer"].update({"dead_frequency": 1e-5} | v.trainer)  # the trainer's default, not the quickstart's 1e-4
+    # A variant without its own dead frequency keeps the trainer's default, not the quickstart's.
+    data["trainer"].update({"dead_frequency": TrainerSettings.model_fields["dead_frequency"].default} | v.trainer)
     return load_config(data=data)
 
 
