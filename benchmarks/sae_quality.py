@@ -10,7 +10,7 @@ and two plotly figures: delta loss against token-steps, and delta loss against L
 
 Run:  python benchmarks/sae_quality.py [--config sae_configs/gemma-3-270m-res-l6-quality-10m-4k.yaml]
           [--out runs/quality-10m] [--lm-tokens 16384] [--curve-lm-tokens N] [--markdown PATH] [--figures DIR] [--no-train] [--json]
-          [--only NAME,NAME --no-eval]
+          [--only NAME,NAME --no-eval] [--eval-store STORE]
 The run folder resumes after a kill (re-run the same command). ``--no-train`` evaluates the snapshots
 that exist so far without training further (a study split across sessions can report where it is).
 ``--only`` trains just the named dictionaries, in ``OUT/parts/NAME+NAME``, so that a study can run as one
@@ -20,6 +20,10 @@ scale less well than the matmuls); the evaluation then finds every part's dictio
     OMP_NUM_THREADS=1 python benchmarks/sae_quality.py --only jumprelu-quadratic,topk --no-eval &
     OMP_NUM_THREADS=1 python benchmarks/sae_quality.py --only batchtopk-matryoshka,... --no-eval &
     wait; python benchmarks/sae_quality.py --no-train --figures docs/figures
+
+``--eval-store STORE`` scores on another store's held-out documents instead of the config's: SAEs trained on a
+bigger store, scored on the documents a smaller store's study held out, compare with that study's SAEs on the same
+text. Its evaluations, table and figures go in ``OUT/on-<store folder name>/``, apart from the run's own.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ import plotly.graph_objects as go
 from sweep import EVALS, evaluate_cached, plus_minus, run_study, sweep_parser, train_sweep
 
 from scope.analysis.output import write_results
+from scope.errors import ScopeError
 from scope.store import ActivationStore
-from scope.training import load_config
+from scope.training import TrainConfig, load_config
 from scope.training.trainer import SNAPSHOTS
 
 
@@ -68,14 +73,27 @@ def dictionaries_by_step(out: Path, names: list[str], total_steps: int) -> dict[
     return found
 
 
-def evaluate_new(out: Path, found: dict[int, dict[str, Path]], held_out: ActivationStore, lm_tokens: int,
+def evaluate_new(cache: Path, found: dict[int, dict[str, Path]], held_out: ActivationStore, lm_tokens: int,
                  curve_lm_tokens: int, final_step: int) -> dict:
-    """Evaluate every (step, dictionary) not in the cache: the final dictionaries with ``lm_tokens``, the snapshots
-    along the way with ``curve_lm_tokens``; return the whole cache."""
+    """Evaluate every (step, dictionary) not in the JSON ``cache``: the final dictionaries with ``lm_tokens``, the
+    snapshots along the way with ``curve_lm_tokens``; return the whole cache."""
     def named(steps):
         return {f"{n}@{s}": p for s in steps for n, p in found[s].items()}
-    evaluate_cached(out / EVALS, named([s for s in found if s != final_step]), held_out, curve_lm_tokens)
-    return evaluate_cached(out / EVALS, named([s for s in found if s == final_step]), held_out, lm_tokens)
+    evaluate_cached(cache, named([s for s in found if s != final_step]), held_out, curve_lm_tokens)
+    return evaluate_cached(cache, named([s for s in found if s == final_step]), held_out, lm_tokens)
+
+
+def scoring_store(eval_store: str | None, cfg: TrainConfig, held_out: float, out: Path) -> tuple[ActivationStore, str, Path]:
+    """(held-out view, store URL, folder for the evaluations and results): the config's store and ``out``, or
+    ``eval_store`` and ``out/on-<its folder name>``, refused when it lacks the hook the dictionaries read."""
+    if eval_store is None:
+        return ActivationStore(cfg.store).split(held_out, seed=0)[1], cfg.store, out
+    store = ActivationStore(eval_store)
+    hook = cfg.input_hook or cfg.hook
+    if hook and hook not in store.hooks:
+        raise ScopeError(f"--eval-store {eval_store}: it has no hook {hook!r}, which the dictionaries of "
+                         f"{cfg.store} read (it has: {', '.join(store.hooks)})")
+    return store.split(held_out, seed=0)[1], eval_store, out / f"on-{Path(eval_store.rstrip('/')).name}"
 
 
 def figures(cache: dict, names: list[str], batch_size: int, final_step: int) -> dict[str, go.Figure]:
@@ -122,6 +140,8 @@ def main() -> None:
     ap.add_argument("--no-train", action="store_true", help="evaluate the snapshots so far; do not train")
     ap.add_argument("--only", default=None, help="train only these dictionaries (comma-separated), in OUT/parts/")
     ap.add_argument("--no-eval", action="store_true", help="train, then stop (parts run side by side)")
+    ap.add_argument("--eval-store", default=None,
+                    help="score on this store's held-out documents instead (results in OUT/on-<its folder name>/)")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -130,25 +150,28 @@ def main() -> None:
         args.out = str(out / PARTS / args.only.replace(",", "+"))
     if args.no_train:
         cfg = load_config(args.config, args.overrides)
-        held_out = ActivationStore(cfg.store).split(args.held_out, seed=0)[1]
     else:
-        cfg, _, held_out = train_sweep(args)
+        cfg, _, _ = train_sweep(args)
     if args.no_eval:
         return
     if args.only:
         cfg = load_config(args.config)
+    held_out, store, scored = scoring_store(args.eval_store, cfg, args.held_out, out)
     names = [d.label() for d in cfg.dictionaries]
     total_steps = cfg.trainer.total_tokens // cfg.trainer.batch_size
-    cache = evaluate_new(out, dictionaries_by_step(out, names, total_steps), held_out, args.lm_tokens,
+    scored.mkdir(parents=True, exist_ok=True)
+    cache = evaluate_new(scored / EVALS, dictionaries_by_step(out, names, total_steps), held_out, args.lm_tokens,
                          args.curve_lm_tokens or args.lm_tokens, total_steps)
     last = max((int(k.rsplit("@", 1)[1]) for k in cache), default=0)
     final = [cache[f"{n}@{last}"] for n in names if f"{n}@{last}" in cache]
-    written = write_results(str(out), "quality.json", {"final_step": last, "results": final, "all": cache},
+    written = write_results(str(scored), "quality.json", {"final_step": last, "results": final, "all": cache},
                             figures(cache, names, cfg.trainer.batch_size, last))
     if args.figures:
         for name in ("sae_quality_curve", "sae_quality_l0"):
             shutil.copy(written[name], Path(args.figures) / f"{name}.html")
-    md = table(final, cfg.store, last * cfg.trainer.batch_size)
+    md = table(final, store, last * cfg.trainer.batch_size)
+    if store != cfg.store:
+        md = f"Trained on `{cfg.store}`. " + md
     if args.markdown:
         Path(args.markdown).write_text(md + "\n")
     print(json.dumps(final, indent=2) if args.json else md)
