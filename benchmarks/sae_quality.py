@@ -85,14 +85,18 @@ def evaluate_new(cache: Path, found: dict[int, dict[str, Path]], held_out: Activ
 
 def scoring_store(eval_store: str | None, cfg: TrainConfig, held_out: float, out: Path) -> tuple[ActivationStore, str, Path]:
     """(held-out view, store URL, folder for the evaluations and results): the config's store and ``out``, or
-    ``eval_store`` and ``out/on-<its folder name>``, refused when it lacks the hook the dictionaries read."""
+    ``eval_store`` and ``out/on-<its folder name>``, refused unless it holds the dictionaries' hook, at the same
+    width, from the same model (another model's activations would give numbers that mean nothing)."""
     if eval_store is None:
         return ActivationStore(cfg.store).split(held_out, seed=0)[1], cfg.store, out
-    store = ActivationStore(eval_store)
-    hook = cfg.input_hook or cfg.hook
-    if hook and hook not in store.hooks:
-        raise ScopeError(f"--eval-store {eval_store}: it has no hook {hook!r}, which the dictionaries of "
-                         f"{cfg.store} read (it has: {', '.join(store.hooks)})")
+    store, trained_on = ActivationStore(eval_store), ActivationStore(cfg.store)
+    hook = cfg.input_hook or cfg.hook or next(iter(trained_on.hooks))
+    store.check_hook(hook)
+    ours, theirs = trained_on.manifest.config.model, store.manifest.config.model
+    if theirs != ours or store.width(hook) != trained_on.width(hook):
+        raise ScopeError(f"--eval-store {eval_store}: it holds {hook} of {theirs!r} ({store.width(hook)} wide), and "
+                         f"the dictionaries were trained on {hook} of {ours!r} ({trained_on.width(hook)} wide) in "
+                         f"{cfg.store}; name a store captured from {ours!r}")
     return store.split(held_out, seed=0)[1], eval_store, out / f"on-{Path(eval_store.rstrip('/')).name}"
 
 
