@@ -266,6 +266,11 @@ def test_jumprelu_batchtopk_phase_trains_as_batchtopk_then_hands_over_to_its_own
     ({"kind": "icfl", "matryoshka_widths": [16]}, "needs kind jumprelu or topk"),
     ({"kind": "jumprelu", "sparsity_coeff": 1.0, "batchtopk_steps": 10}, "batchtopk_steps 10 needs target_l0"),
     ({"kind": "topk", "k": 8, "batchtopk_steps": 10}, "and kind jumprelu"),
+    ({"kind": "topk", "k": 8, "row_cap": 32}, "row_cap 32 caps a BatchTopK selection"),
+    ({"kind": "jumprelu", "sparsity_coeff": 1.0, "target_l0": 8, "row_cap": 32}, "needs kind jumprelu with batchtopk"),
+    ({"kind": "topk", "k": 8, "selection": "batch", "row_cap": 4}, "row_cap 4 is below k = 8"),
+    ({"kind": "jumprelu", "sparsity_coeff": 1.0, "target_l0": 8, "batchtopk_steps": 5, "row_cap": 4},
+     "use a row_cap of at least 8"),
 ])
 def test_bad_recipe_options_are_clear_errors(bad, message):
     with pytest.raises(ScopeError, match=message):
@@ -321,7 +326,9 @@ def test_each_new_option_trains_on_the_real_model(small_store, tmp_path):
             {"name": "matryoshka-batchtopk", "kind": "topk", "d_sae": 512, "k": 30, "selection": "batch",
              "matryoshka_widths": [64, 256]},
             {"name": "batchtopk-phase", **jr, "sparsity_coeff": 1.0, "sparsity_loss": "quadratic", "target_l0": 30,
-             "batchtopk_steps": 20}]})
+             "batchtopk_steps": 20},
+            {"name": "batchtopk-phase-capped", **jr, "sparsity_coeff": 1.0, "sparsity_loss": "quadratic",
+             "target_l0": 30, "batchtopk_steps": 20, "row_cap": 120}]})
     saved = train(cfg, tmp_path / "run", progress=False)
     rows = [yaml.safe_load(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for name in saved:
@@ -330,9 +337,10 @@ def test_each_new_option_trains_on_the_real_model(small_store, tmp_path):
     for name in ("quadratic", "matryoshka"):
         l0 = [r[f"{name}/l0"] for r in rows]
         assert l0[0] > 90 and abs(l0[-1] - 30) < 0.2 * abs(l0[0] - 30), (name, l0)
-    l0 = [r["batchtopk-phase/l0"] for r in rows]
-    assert all(abs(v - 30) < 1 for v in l0[:20]), ("BatchTopK for 20 steps", l0)
-    assert abs(l0[-1] - 30) < 10, ("then a JumpReLU near its target from the shared threshold", l0)
+    for name in ("batchtopk-phase", "batchtopk-phase-capped"):
+        l0 = [r[f"{name}/l0"] for r in rows]
+        assert all(abs(v - 30) < 1 for v in l0[:20]), (name, "BatchTopK for 20 steps", l0)
+        assert abs(l0[-1] - 30) < 10, (name, "then a JumpReLU near its target from the shared threshold", l0)
     assert load(saved["matryoshka-batchtopk"]).kind == "jumprelu"
     rows_seen = torch.cat(list(small_store.batches(hook, batch_size=1000, shuffle=False)))
 
@@ -341,6 +349,27 @@ def test_each_new_option_trains_on_the_real_model(small_store, tmp_path):
         return float(torch.relu(fired - 0.02).sum())
 
     assert excess("step-freq") < 0.5 * excess("step"), "less firing mass above freq_max"
+
+
+def test_a_row_cap_takes_the_batch_top_from_each_rows_own_top_and_no_more():
+    from scope.dictionaries.topk import batch_top_indices, batch_top_pairs
+
+    g = torch.Generator().manual_seed(6)
+    # two outlier rows that the uncapped selection would give most of the batch's top
+    pre = torch.cat([torch.randn(62, 512, generator=g), 9.0 + torch.rand(2, 512, generator=g)])
+    uncapped = batch_top_indices(pre, 4) // 512
+    assert torch.bincount(uncapped, minlength=64)[-2:].min() > 16, "the case the cap is for"
+    vals, cols = pre.topk(16, dim=-1)  # by hand: each row's own 16 largest, then the batch's 4·64 largest of those
+    best = vals.reshape(-1).topk(4 * 64).indices
+    want = ((best // 16) * 512 + cols.reshape(-1)[best]).sort().values
+    got = batch_top_indices(pre, 4, row_cap=16).sort().values
+    assert torch.equal(got, want)
+    assert torch.bincount(got // 512, minlength=64).max() == 16
+    rows, cols2 = batch_top_pairs(pre, 4, row_cap=16)
+    assert torch.equal(rows * 512 + cols2, want[pre.reshape(-1)[want] > 0])
+    d = build({"kind": "topk", "d_in": 16, "d_sae": 64, "k": 4, "selection": "batch", "row_cap": 6})
+    x = torch.cat([torch.randn(30, 16), 40 * torch.randn(2, 16)])
+    assert int((d.loss(x, sparse=False).codes > 0).sum(-1).max()) <= 6
 
 
 def test_batch_top_selection_equals_one_topk_over_the_batch():

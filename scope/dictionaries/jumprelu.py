@@ -113,6 +113,7 @@ class JumpReLUConfig(DictionaryConfig):
     aux_coeff: float = 0.0  # weight of the AuxK loss on dead latents (0: off)
     aux_k: int | None = None  # dead latents per row in it; default d_in // 2, as for TopK
     batchtopk_steps: int = 0  # train the first N steps as a BatchTopK SAE with k = target_l0 (0: off)
+    row_cap: int | None = None  # in that phase no row keeps more than this many latents (None: no cap)
 
     @model_validator(mode="after")
     def _target_for_quadratic(self) -> "JumpReLUConfig":
@@ -120,6 +121,9 @@ class JumpReLUConfig(DictionaryConfig):
                            (f"batchtopk_steps {self.batchtopk_steps}", self.batchtopk_steps > 0)):
             if on and not (self.target_l0 and 0 < self.target_l0 < self.d_sae):
                 raise ValueError(f"{option} needs target_l0 in (0, d_sae={self.d_sae}), got {self.target_l0}")
+        if self.row_cap is not None and (self.target_l0 is None or self.row_cap < self.target_l0):
+            raise ValueError(f"row_cap {self.row_cap} caps the BatchTopK phase's latents per row; it needs a "
+                             f"target_l0 (the phase's k) of at most row_cap, got {self.target_l0}")
         return self
 
 
@@ -278,7 +282,7 @@ class JumpReLU(Dictionary):
             z = torch.addmm(self.b_enc, xin, self.W_enc)
         pre = z.detach().float()
         with torch.no_grad():
-            rows, cols = batch_top_pairs(pre, round(self.cfg.target_l0))
+            rows, cols = batch_top_pairs(pre, round(self.cfg.target_l0), self.cfg.row_cap)
         kept = pre[rows, cols]
         if sparse:
             f = GatheredPre.apply(xin, self.W_enc, self.b_enc, kept, rows, cols, None)

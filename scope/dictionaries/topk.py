@@ -18,6 +18,7 @@ from statistics import NormalDist
 from typing import ClassVar, Literal
 
 import torch
+from pydantic import model_validator
 
 from scope.dictionaries.auxk import Gather, aux_loss
 from scope.dictionaries.base import Dictionary, DictionaryConfig, build
@@ -38,6 +39,13 @@ class TopKConfig(DictionaryConfig):
     aux_b_dec: bool = True
     dead_after_tokens: int = 1_000_000
     matryoshka_widths: list[int] | None = None  # nested prefixes that must each reconstruct x
+    row_cap: int | None = None  # selection "batch": no row keeps more than this many latents (None: no cap)
+
+    @model_validator(mode="after")
+    def _cap_at_least_k(self) -> "TopKConfig":
+        if self.row_cap is not None and self.row_cap < self.k:
+            raise ValueError(f"row_cap {self.row_cap} is below k = {self.k}: a batch could not keep k latents per row")
+        return self
 
 
 def statistical_threshold(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -46,7 +54,7 @@ def statistical_threshold(pre: torch.Tensor, k: int) -> torch.Tensor:
     return pre.mean(-1, keepdim=True) + pre.std(-1, keepdim=True) * z
 
 
-def batch_top_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
+def batch_top_indices(pre: torch.Tensor, k: int, row_cap: int | None = None) -> torch.Tensor:
     """Flat indices of the k·B largest entries of ``pre [B, M]`` (BatchTopK's training selection).
 
     Exact, but cheaper than one top-k over all B·M entries: the batch's top entries are taken from each
@@ -54,15 +62,20 @@ def batch_top_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
     a row whose smallest candidate is below τ holds nothing else in the batch's top; a row whose candidates
     all reach τ may, and offers all its entries instead (at initialisation on Gemma 3 270M a few rows do,
     and one top-k over the whole batch cost 1.5x x·W_enc at 4,096 latents).
+
+    ``row_cap`` (≥ k) takes the k·B largest entries among each row's own ``row_cap`` largest instead: no row
+    keeps more than ``row_cap`` latents. At initialisation the uncapped selection gives Gemma's highest-norm
+    rows thousands of latents each (up to 2,144 of 16,384 on Gemma 3 270M, and none to 29 % of rows), whose
+    reconstructions then overshoot by far (docs/methods/jumprelu.md).
     """
     n, (rows, width) = k * pre.shape[0], pre.shape
-    per_row = min(width, 4 * k)
+    per_row = min(width, row_cap or 4 * k)
     if per_row == width:
         return pre.reshape(-1).topk(n, sorted=False).indices
     vals, cols = pre.topk(per_row, dim=-1, sorted=False)
     top = vals.reshape(-1).topk(n, sorted=False)
     full = vals.min(-1).values >= top.values.min()
-    if not bool(full.any()):
+    if row_cap is not None or not bool(full.any()):
         return top.indices // per_row * width + cols.reshape(-1)[top.indices]
     full_rows, part_rows = full.nonzero().squeeze(1), (~full).nonzero().squeeze(1)
     pool = torch.cat([vals[part_rows].reshape(-1), pre[full_rows].reshape(-1)])
@@ -75,9 +88,9 @@ def batch_top_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
 BATCH_THRESHOLD_RATE = 0.01
 
 
-def batch_top_pairs(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_top_pairs(pre: torch.Tensor, k: int, row_cap: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-major (row, latent) pairs of the positive entries among the k·B largest of ``pre [B, M]``."""
-    idx = batch_top_indices(pre, k).sort().values
+    idx = batch_top_indices(pre, k, row_cap).sort().values
     idx = idx[pre.reshape(-1)[idx] > 0]
     return idx // pre.shape[1], idx % pre.shape[1]
 
@@ -102,7 +115,7 @@ class TopK(Dictionary):
             return pre * (pre > statistical_threshold(pre, k))
         if sel == "batch" and training:
             flat = pre.reshape(-1)
-            idx = batch_top_indices(pre, k)
+            idx = batch_top_indices(pre, k, self.cfg.row_cap)
             return torch.zeros_like(flat).scatter(0, idx, flat[idx]).reshape(pre.shape)
         if sel == "batch":
             return pre * (pre > self.threshold)
@@ -119,7 +132,7 @@ class TopK(Dictionary):
         if sel == "statistical":
             return pairs(pre > statistical_threshold(pre, k))
         if sel == "batch":
-            return batch_top_pairs(pre, k)
+            return batch_top_pairs(pre, k, self.cfg.row_cap)
         vals, idx = pre.topk(k, dim=-1, sorted=False)
         idx, order = idx.sort(dim=-1)  # CSR order: columns ascending within each row
         keep = vals.gather(-1, order).reshape(-1) > 0  # a row may have fewer than k positive entries

@@ -48,6 +48,9 @@ class DictSpec(_Strict):
     batchtopk_steps: int = Field(
         0, ge=0, description="jumprelu: train the first N steps as BatchTopK with k = target_l0, θ tracking its "
                              "inference threshold; then each θᵢ trains on its own (0: off)")
+    row_cap: int | None = Field(
+        None, gt=0, description="jumprelu with batchtopk_steps, topk with selection batch: no row of a BatchTopK step "
+                                "keeps more than this many latents (at least k or target_l0; default: no cap)")
     freq_coeff: float = Field(0.0, ge=0, description="jumprelu: λ_f of the penalty on latents firing above freq_max")
     freq_max: float = Field(0.1, gt=0, le=1, description="jumprelu: firing fraction above which the frequency penalty acts")
     matryoshka_widths: list[int] | None = Field(
@@ -170,6 +173,16 @@ class TrainConfig(_Strict):
                 raise ScopeError(f"dictionary {d.label()!r}: batchtopk_steps {d.batchtopk_steps} needs target_l0 "
                                  f"below d_sae ({d.d_sae}), the k of the BatchTopK phase, and kind jumprelu "
                                  f"(this one is {d.family()})")
+            if d.row_cap is not None:
+                batch = d.batchtopk_steps if d.family() == "jumprelu" else (
+                    d.family() == "topk" and (d.selection == "batch" or d.activation == "batchtopk"))
+                k = d.target_l0 if d.family() == "jumprelu" else d.k
+                if not batch:
+                    raise ScopeError(f"dictionary {d.label()!r}: row_cap {d.row_cap} caps a BatchTopK selection; it "
+                                     "needs kind jumprelu with batchtopk_steps or kind topk with selection batch")
+                if k is not None and d.row_cap < k:
+                    raise ScopeError(f"dictionary {d.label()!r}: row_cap {d.row_cap} is below k = {k:g}, so the batch "
+                                     f"could not keep k latents per row on average; use a row_cap of at least {k:g}")
             if not d.aux_b_dec and d.family() != "topk":  # (saved configs hold every field, so test the value)
                 raise ScopeError(f"dictionary {d.label()!r}: aux_b_dec is a topk option, and a {d.family()} "
                                  "dictionary's AuxK never moves b_dec; remove aux_b_dec")

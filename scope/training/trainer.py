@@ -151,11 +151,11 @@ def _spec_to_dict_cfg(spec: DictSpec, d_in: int, hook: str, store: ActivationSto
         cfg.update(bandwidth=spec.bandwidth, threshold_init=spec.threshold_init, sparsity_loss=spec.sparsity_loss,
                    tanh_scale=spec.tanh_scale, target_l0=spec.target_l0, pre_act_coeff=spec.pre_act_coeff,
                    pre_act_on=spec.pre_act_on, freq_coeff=spec.freq_coeff, freq_max=spec.freq_max, aux_k=spec.aux_k,
-                   batchtopk_steps=spec.batchtopk_steps)
+                   batchtopk_steps=spec.batchtopk_steps, row_cap=spec.row_cap)
     if spec.family() == "topk":
         selection = "batch" if spec.activation == "batchtopk" and spec.kind == "transcoder" else spec.selection
         cfg.update(k=spec.k, selection=selection, aux_k=spec.aux_k, aux_b_dec=spec.aux_b_dec,
-                   dead_after_tokens=spec.dead_after_tokens)
+                   dead_after_tokens=spec.dead_after_tokens, row_cap=spec.row_cap)
     if spec.family() in ("jumprelu", "topk") and spec.aux_coeff is not None:
         cfg["aux_coeff"] = spec.aux_coeff
     if spec.matryoshka_widths is not None:
