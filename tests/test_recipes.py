@@ -367,6 +367,10 @@ def test_a_row_cap_takes_the_batch_top_from_each_rows_own_top_and_no_more():
     assert torch.bincount(got // 512, minlength=64).max() == 16
     rows, cols2 = batch_top_pairs(pre, 4, row_cap=16)
     assert torch.equal(rows * 512 + cols2, want[pre.reshape(-1)[want] > 0])
+    for bad in ({"kind": "topk", "k": 4, "row_cap": 6}, {"kind": "topk", "k": 4, "selection": "batch", "row_cap": 3},
+                {"kind": "jumprelu", "target_l0": 4, "row_cap": 6}):
+        with pytest.raises(ScopeError, match="row_cap"):  # the Python API refuses what the config check refuses
+            build({"d_in": 16, "d_sae": 64, **bad})
     d = build({"kind": "topk", "d_in": 16, "d_sae": 64, "k": 4, "selection": "batch", "row_cap": 6})
     x = torch.cat([torch.randn(30, 16), 40 * torch.randn(2, 16)])
     assert int((d.loss(x, sparse=False).codes > 0).sum(-1).max()) <= 6

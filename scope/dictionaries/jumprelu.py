@@ -121,9 +121,10 @@ class JumpReLUConfig(DictionaryConfig):
                            (f"batchtopk_steps {self.batchtopk_steps}", self.batchtopk_steps > 0)):
             if on and not (self.target_l0 and 0 < self.target_l0 < self.d_sae):
                 raise ValueError(f"{option} needs target_l0 in (0, d_sae={self.d_sae}), got {self.target_l0}")
-        if self.row_cap is not None and (self.target_l0 is None or self.row_cap < self.target_l0):
-            raise ValueError(f"row_cap {self.row_cap} caps the BatchTopK phase's latents per row; it needs a "
-                             f"target_l0 (the phase's k) of at most row_cap, got {self.target_l0}")
+        if self.row_cap is not None and not (self.batchtopk_steps and self.row_cap >= self.target_l0):
+            raise ValueError(f"row_cap {self.row_cap} caps the BatchTopK phase's latents per row; it needs "
+                             f"batchtopk_steps > 0 (got {self.batchtopk_steps}) and target_l0, the phase's k, of at "
+                             f"most row_cap (got {self.target_l0})")
         return self
 
 

@@ -43,6 +43,9 @@ class TopKConfig(DictionaryConfig):
 
     @model_validator(mode="after")
     def _cap_at_least_k(self) -> "TopKConfig":
+        if self.row_cap is not None and self.selection != "batch":
+            raise ValueError(f"row_cap {self.row_cap} caps a BatchTopK selection; set selection 'batch' (this one is "
+                             f"{self.selection!r}) or remove row_cap")
         if self.row_cap is not None and self.row_cap < self.k:
             raise ValueError(f"row_cap {self.row_cap} is below k = {self.k}: a batch could not keep k latents per row")
         return self
