@@ -1,4 +1,4 @@
-"""Training and evaluating dictionaries: ``scope train``, ``scope quickstart``, ``scope eval``.
+"""Training and evaluating dictionaries: ``scope train``, ``scope quickstart``, ``scope eval``, ``scope finetune``.
 
 The top-level commands here are plain functions; scope/cli/__init__.py adds them to ``scope``.
 """
@@ -126,6 +126,69 @@ def eval_(
     out = {"store": store, "held_out": held_out, "documents": len(test.documents), "rows": len(test),
            "html": html, "results": results}
     emit(out, as_json, _eval_table(out))
+
+
+@friendly
+def finetune(
+    sae: Annotated[str, typer.Argument(help="A trained SAE's folder (scope's own; SAELens and Gemma Scope folders too).")],
+    store: Annotated[str, typer.Option(help="Activation store the SAE was trained on: its training documents are used.")],
+    out: Annotated[str, typer.Option(help="Folder for the fine-tuned SAE (OUT/sae), metrics.jsonl and the checkpoint.")],
+    tokens: Annotated[int, typer.Option(help="LM tokens to fine-tune on.")] = 32_768,
+    lr: Annotated[float, typer.Option(help="Adam learning rate, decayed linearly to 0.")] = 1e-4,
+    batch_windows: Annotated[int, typer.Option(help="Context windows per step.")] = 4,
+    train_: Annotated[str, typer.Option("--train", help="decoder (codes and L0 unchanged) or all (the encoder too).")] = "decoder",
+    mse_weight: Annotated[Optional[float], typer.Option(help="Weight of the FVU term (default: KL/FVU at the first step).")] = None,
+    held_out: Annotated[float, typer.Option(help="Fraction of documents held out (split by document, seed 0).")] = 0.1,
+    lm_tokens: Annotated[int, typer.Option(help="Held-out tokens to score the SAE before and after on (0: skip).")] = 4096,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune a trained SAE on KL(clean ‖ spliced) + FVU with its reconstruction spliced into the model, then
+    score it before and after on held-out documents (delta loss, paired). A killed run resumes from OUT."""
+    from pydantic import ValidationError
+
+    from scope.dictionaries.interop import load_any
+    from scope.evals import spliced_lm_losses
+    from scope.evals.lm_loss import paired_difference
+    from scope.models import default_device
+    from scope.store import ActivationStore
+    from scope.store.windows import load_store_model
+    from scope.training.finetune import FinetuneSettings, finetune as run_finetune
+
+    try:
+        settings = FinetuneSettings(tokens=tokens, lr=lr, batch_windows=batch_windows, train=train_,
+                                    mse_weight=mse_weight, held_out=held_out)
+    except ValidationError as err:
+        bad = err.errors()[0]
+        raise ScopeError(f"--{str(bad['loc'][0]).replace('_', '-')}: {bad['msg']} (got {bad.get('input')!r})") from None
+    if lm_tokens < 0 or lm_tokens == 1:
+        raise ScopeError(f"--lm-tokens must be 0 (skip) or at least 2, got {lm_tokens}")
+    dev = default_device(device)
+    before = load_any(sae, device=dev)
+    st = ActivationStore(store)
+    test = st.split(held_out, seed=0)[1]
+    if lm_tokens and not test.documents:  # refuse before the fine-tune runs, not after
+        raise ScopeError(f"the held-out split of {store} ({held_out:.0%} of its {len(st.documents)} documents) is "
+                         "empty, so nothing would score the fine-tune; raise --held-out or pass --lm-tokens 0")
+    model = load_store_model(st, device=dev)
+    done = run_finetune(load_any(sae, device=dev), model, st, out, settings, progress=not as_json)
+    result: dict = {"sae": sae, "store": store, "out": out, **done.to_dict()}
+    human = (f"fine-tuned {done.steps} steps on {done.tokens:,} tokens (α {done.mse_weight:.3g}): batch KL "
+             f"{done.kl_start:.3f} -> {done.kl_end:.3f}, FVU {done.fvu_start:.3f} -> {done.fvu_end:.3f}, "
+             f"L0 {done.l0_start:.1f} -> {done.l0_end:.1f}\n  -> {done.path}")
+    if lm_tokens:
+        from scope.dictionaries import load
+
+        lm = spliced_lm_losses({"before": before, "after": load(done.path, device=dev)}, model, test,
+                               max_tokens=lm_tokens, progress=not as_json)
+        diff, se = paired_difference(lm["before"].to_dict(), lm["after"].to_dict())
+        result["held_out"] = {k: {f: getattr(v, f) for f in ("tokens", "delta_loss", "delta_loss_se",
+                                                                "ce_loss_recovered", "kl")} for k, v in lm.items()}
+        result["held_out"]["change"] = {"delta_loss": diff, "se": se}
+        human += (f"\n  held-out ({lm['before'].tokens:,} tokens): delta loss {lm['before'].delta_loss:.3f} -> "
+                  f"{lm['after'].delta_loss:.3f} nats ({diff:+.3f} ± {se:.3f} paired), CE recovered "
+                  f"{lm['before'].ce_loss_recovered:.1%} -> {lm['after'].ce_loss_recovered:.1%}")
+    emit(result, as_json, human)
 
 
 def _eval_table(out: dict) -> str:
