@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from scope.dictionaries.interop import load_any
 from scope.evals import evaluate_many, load_store_model
@@ -50,11 +51,13 @@ def evaluate_cached(path: Path, saes: dict[str, Path], held_out: ActivationStore
     if todo:
         results = evaluate_many({n: load_any(p) for n, p in todo.items()}, held_out, model=load_store_model(held_out),
                                 lm_tokens=lm_tokens)
-        for r in results:
-            cache[r["name"]] = {**r, "lm_tokens": lm_tokens}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        tmp.replace(path)
+        with FileLock(str(path) + ".lock"):  # another study process may have written the cache meanwhile: merge
+            cache = json.loads(path.read_text()) if path.exists() else {}
+            for r in results:
+                cache[r["name"]] = {**r, "lm_tokens": lm_tokens}
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cache, indent=1))
+            tmp.replace(path)
     return cache
 
 
