@@ -44,13 +44,14 @@ def tuned_name(name: str, lr: float, train: str = "decoder") -> str:
 def run_finetunes(out: Path, store: ActivationStore, finals: dict[str, Path], lrs: list[float],
                   settings: FinetuneSettings) -> dict[str, Path]:
     """Fine-tune (or resume) each final dictionary at each learning rate; return the fine-tuned folders by name."""
-    model = load_store_model(store)
+    model = None  # loaded only if a fine-tune is left to run
     done = {}
     for name, path in finals.items():
         for lr in lrs:
             folder = out / FINETUNES / tuned_name(name, lr, settings.train)
             if not (folder / "finetune.json").exists():
                 print(f"fine-tuning {name} at lr {lr:g} -> {folder}", flush=True)
+                model = model or load_store_model(store)
                 finetune(load(path), model, store, folder, settings.model_copy(update={"lr": lr}))
             done[tuned_name(name, lr, settings.train)] = folder / SAVED
     return done

@@ -13,6 +13,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,3 +332,16 @@ def random_init(model: LoadedModel, seed: int = 0) -> LoadedModel:
     keep_kv_cache(bridge)
     return LoadedModel(bridge=bridge, tokenizer=model.tokenizer, facts=model.facts, spec=f"{model.spec} (random init)",
                        dtype=model.dtype, device=model.device)
+
+
+@contextmanager
+def frozen_weights(model: LoadedModel) -> Iterator[None]:
+    """The model's own weights out of autograd while something spliced into it trains (restored afterwards)."""
+    params = [p for p in model.hf_model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)

@@ -145,6 +145,8 @@ def finetune(
 ) -> None:
     """Fine-tune a trained SAE on KL(clean ‖ spliced) + FVU with its reconstruction spliced into the model, then
     score it before and after on held-out documents (delta loss, paired). A killed run resumes from OUT."""
+    import copy
+
     from pydantic import ValidationError
 
     from scope.dictionaries.interop import load_any
@@ -171,7 +173,7 @@ def finetune(
         raise ScopeError(f"the held-out split of {store} ({held_out:.0%} of its {len(st.documents)} documents) is "
                          "empty, so nothing would score the fine-tune; raise --held-out or pass --lm-tokens 0")
     model = load_store_model(st, device=dev)
-    done = run_finetune(load_any(sae, device=dev), model, st, out, settings, progress=not as_json)
+    done = run_finetune(copy.deepcopy(before), model, st, out, settings, progress=not as_json)
     result: dict = {"sae": sae, "store": store, "out": out, **done.to_dict()}
     human = (f"fine-tuned {done.steps} steps on {done.tokens:,} tokens (α {done.mse_weight:.3g}): batch KL "
              f"{done.kl_start:.3f} -> {done.kl_end:.3f}, FVU {done.fvu_start:.3f} -> {done.fvu_end:.3f}, "

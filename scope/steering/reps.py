@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from scope.errors import ScopeError
-from scope.models import LoadedModel
+from scope.models import LoadedModel, frozen_weights
 from scope.steering.concepts import ConceptData, ConceptExample
 from scope.steering.interventions import resid_hook, row_interventions
 from scope.steering.likelihood import pack, response_logprob
@@ -155,21 +155,6 @@ def layer_stats(model: LoadedModel, t: Tokenized, layer: int) -> tuple[float, to
     return float(((h - mu) ** 2).sum(-1).mean().sqrt()), mu.float()
 
 
-class _Frozen:
-    """The model's own weights out of autograd while the steering parameters train."""
-
-    def __init__(self, model: LoadedModel):
-        self.params = [p for p in model.hf_model.parameters() if p.requires_grad]
-
-    def __enter__(self):
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p in self.params:
-            p.requires_grad_(True)
-
-
 def _step_loss(model: LoadedModel, cfg: SteerConfig, t: Tokenized, idx: list[int], alpha: torch.Tensor,
                ref: tuple[torch.Tensor, torch.Tensor], w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     bos, pad = model.tokenizer.bos_token_id, pad_token_id(model.tokenizer)
@@ -269,7 +254,7 @@ def train_vector(model: LoadedModel, data: ConceptData, cfg: SteerConfig, out: s
     bar = tqdm(total=total, initial=start, desc=f"{cfg.method} {data.concept} L{cfg.layer}", unit="step",
                disable=not progress, dynamic_ncols=True)
     t0, last = time.time(), {}
-    with _Frozen(model):
+    with frozen_weights(model):
         for step in range(start, total):
             epoch, k = divmod(step, steps_per_epoch)
             order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed + 1000 * epoch)).tolist()

@@ -30,8 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +45,7 @@ from scope.dictionaries.base import Dictionary
 from scope.errors import ScopeError
 from scope.files import read_json, read_safetensors
 from scope.hooks import check_hooks
-from scope.models import LoadedModel
+from scope.models import LoadedModel, frozen_weights
 from scope.store import ActivationStore
 from scope.store.fs import replace_folder
 from scope.store.windows import padded_batches, store_windows
@@ -112,7 +111,7 @@ def unfold_input_scale(sae: Dictionary) -> None:
     """Give a saved SAE (scale folded into its weights) an input scale that makes its decoder rows about unit norm.
 
     Adam moves every weight by about ``lr`` per step whatever its size, and a saved SAE's weights are in the raw
-    residual stream's units (decoder rows of norm ~100 on Gemma 3 270M's layer 6), so a learning rate picked in
+    residual stream's units (decoder rows of norm ~3,600 on Gemma 3 270M's layer 6), so a learning rate picked in
     training's units would not move them. The outputs do not change; saving folds the scale back in."""
     if float(sae.input_scale) != 1.0:
         return  # already in training units
@@ -128,19 +127,6 @@ def _keep_encoder(sae: Dictionary, b_dec_before: torch.Tensor) -> None:
     """Undo a b_dec step's effect on an encoder that subtracts b_dec from its input: z = (x − b_dec) W_enc + b_enc
     stays the same when b_enc takes up (b_dec_new − b_dec_old) W_enc, so the codes do not move."""
     sae.b_enc.add_((sae.b_dec - b_dec_before) @ sae.W_enc)
-
-
-@contextmanager
-def _frozen(module: torch.nn.Module) -> Iterator[None]:
-    """The model's own weights take no gradient during the fine-tune (restored afterwards)."""
-    before = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in before:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in before:
-            p.requires_grad_(flag)
 
 
 def _log_probs(model: LoadedModel, toks: torch.Tensor, mask: torch.Tensor,
@@ -239,7 +225,7 @@ def finetune(sae: Dictionary, model: LoadedModel, store: ActivationStore, out: s
     last = state.get("last")
     bar = tqdm(total=steps, initial=state["step"], desc="finetune", unit="step", disable=not progress,
                dynamic_ncols=True)
-    with _frozen(model.bridge), (out / METRICS).open("a") as log:
+    with frozen_weights(model), (out / METRICS).open("a") as log:
         for step in range(state["step"], steps):
             toks, mask = (t.to(model.device) for t in batches[step])
             kl, fvu, l0 = _step_loss(sae, model, hook, toks, mask, splice_bos, s.train == "decoder")
