@@ -271,6 +271,10 @@ def test_jumprelu_batchtopk_phase_trains_as_batchtopk_then_hands_over_to_its_own
     ({"kind": "topk", "k": 8, "selection": "batch", "row_cap": 4}, "row_cap 4 is below k = 8"),
     ({"kind": "jumprelu", "sparsity_coeff": 1.0, "target_l0": 8, "batchtopk_steps": 5, "row_cap": 4},
      "use a row_cap of at least 8"),
+    ({"kind": "topk", "k": 8, "resample_every": 100},
+     "resample_every 100 is shorter than trainer.dead_window_steps 1000.*at least 1000"),
+    ({"kind": "icfl", "resample_every": 1000}, "needs kind jumprelu, topk or relu \\(this one is icfl\\)"),
+    ({"kind": "topk", "k": 8, "resample_until": 50}, "resample_until 50 needs resample_every"),
 ])
 def test_bad_recipe_options_are_clear_errors(bad, message):
     with pytest.raises(ScopeError, match=message):
@@ -384,3 +388,102 @@ def test_batch_top_selection_equals_one_topk_over_the_batch():
                 torch.cat([torch.randn(62, 512, generator=g), 9.0 + torch.rand(2, 512, generator=g)])):
         want = pre.reshape(-1).topk(4 * 64).indices.sort().values
         assert torch.equal(batch_top_indices(pre, 4).sort().values, want)
+
+
+# --- resampling dead latents ------------------------------------------------------------------------------
+
+def _stepped_topk(seed: int = 0):
+    """A TopK SAE after one Adam step, so that the optimiser holds state for every weight."""
+    torch.manual_seed(seed)
+    sae = build({"kind": "topk", "d_in": 16, "d_sae": 64, "k": 4})
+    sae.input_scale.fill_(0.5)
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.1)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    sae.loss(torch.randn(256, 16), 0.0, sparse=False).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return sae, opt
+
+
+def test_a_dead_latent_is_resampled_towards_the_worst_reconstructed_row_and_nothing_else_moves():
+    from scope.training.resample import resample_dead
+
+    sae, opt = _stepped_topk()
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
+    x[17] *= 1000  # its squared error is ~10⁶ times any other row's: drawn with probability ~0.9997
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[5] = True
+    before = {k: v.clone() for k, v in sae.state_dict().items()}
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items() if k != "step"} for p in sae.parameters()}
+    live_dec_norm = sae.W_dec[~dead].norm(dim=1).mean()
+    assert resample_dead(sae, opt, x, dead, torch.Generator().manual_seed(0)) == 1
+
+    u = x[17] * 0.5 - sae.b_dec.detach()
+    cos = torch.nn.functional.cosine_similarity
+    w_dec, w_enc = sae.W_dec.detach()[5], sae.W_enc.detach()[:, 5]
+    assert float(cos(w_dec, u, dim=0)) > 0.9999 and float(cos(w_enc, u, dim=0)) > 0.9999
+    torch.testing.assert_close(sae.W_dec[5].norm(), live_dec_norm)
+    after = sae.state_dict()
+    assert torch.equal(after["W_enc"][:, ~dead], before["W_enc"][:, ~dead])
+    assert torch.equal(after["W_dec"][~dead], before["W_dec"][~dead])
+    assert torch.equal(after["b_enc"][~dead], before["b_enc"][~dead]) and torch.equal(after["b_dec"], before["b_dec"])
+    for p in (sae.W_enc, sae.W_dec, sae.b_enc):
+        live = (slice(None), ~dead) if p is sae.W_enc else (~dead,)
+        new = (slice(None), dead) if p is sae.W_enc else (dead,)
+        old = state[id(p)]
+        assert torch.equal(opt.state[p]["exp_avg_sq"][live], old["exp_avg_sq"][live])
+        assert not opt.state[p]["exp_avg"][new].any(), "the new weights' first moment is reset"
+        typical = old["exp_avg_sq"][live].mean(1, keepdim=True) if p is sae.W_enc else old["exp_avg_sq"][live].mean(0)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"][new], typical.expand_as(opt.state[p]["exp_avg_sq"][new]))
+
+
+def test_a_resampled_latent_starts_as_a_typical_latent_of_the_batch():
+    from scope.training.resample import resample_dead
+
+    sae, opt = _stepped_topk()
+    x = torch.randn(512, 16, generator=torch.Generator().manual_seed(2))
+    codes = sae.encode(x)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:16] = True
+    fired = codes[:, ~dead][codes[:, ~dead] != 0]
+    lo, mid = torch.quantile(fired, torch.tensor([0.05, 0.5])).tolist()
+    kth = round(float((codes != 0).float().mean()) * 512)  # rows a latent fires on, on average
+    twin, twin_opt = _stepped_topk()
+    assert resample_dead(sae, opt, x, dead, torch.Generator().manual_seed(3), limit=6) == 6
+    assert resample_dead(twin, twin_opt, x, dead, torch.Generator().manual_seed(3), limit=6) == 6
+    assert all(torch.equal(a, b) for a, b in zip(sae.state_dict().values(), twin.state_dict().values())), "seeded"
+    moved = (sae.W_dec != _stepped_topk()[0].W_dec).any(1)
+    assert int(moved.sum()) == 6 and not moved[16:].any(), "only `limit` of the dead latents, and only dead ones"
+    top = sae.pre_acts(x)[:, moved].detach().topk(kth + 1, dim=0).values
+    torch.testing.assert_close(top[0], torch.full((6,), mid), rtol=1e-4, atol=1e-5)  # its best row: the median code
+    torch.testing.assert_close(top[-1], torch.full((6,), lo), rtol=1e-4, atol=1e-5)  # at lo on ~kth rows
+
+
+@pytest.mark.real_model
+def test_resampling_leaves_fewer_dead_latents_on_the_real_model(small_store, tmp_path):
+    hook = "blocks.6.hook_resid_post"
+    topk = {"kind": "topk", "d_sae": 2048, "k": 16}
+    cfg = load_config(data={
+        "store": small_store.url, "hook": hook,
+        "trainer": {"total_tokens": 256 * 60, "batch_size": 256, "lr": 3e-3, "lr_warmup_steps": 2, "log_every": 10,
+                    "checkpoint_every": 100, "buffer_rows": 1024, "norm_estimate_rows": 2000,
+                    "dead_window_steps": 10, "dead_frequency": 1e-3},
+        "dictionaries": [{"name": "plain", **topk}, {"name": "resampled", **topk, "resample_every": 10}]})
+    saved = train(cfg, tmp_path / "run", progress=False)
+    rows = [yaml.safe_load(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    counts = [r["resampled/resampled"] for r in rows if "resampled/resampled" in r]
+    assert counts and max(counts) > 0 and "plain/resampled" not in rows[-1]
+    assert [r["step"] for r in rows if "resampled/resampled" in r] == [10, 20, 30, 40], "up to the decay at step 48"
+    x = torch.cat(list(small_store.batches(hook, batch_size=1000, shuffle=False)))
+
+    def dead_and_fvu(name: str) -> tuple[int, float]:
+        sae = load(saved[name])
+        rec = sae(x)
+        return int(((sae.encode(x) != 0).sum(0) == 0).sum()), float((rec - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+    (dead_plain, fvu_plain), (dead_rs, fvu_rs) = dead_and_fvu("plain"), dead_and_fvu("resampled")
+    # Measured: 4 × 64 latents resampled (a quarter of the batch each time), 111 fewer dead (1,248 against 1,359
+    # of 2,048) and FVU 0.180 against 0.189 on the store's rows.
+    assert dead_plain - dead_rs > 0.25 * sum(counts), (dead_rs, dead_plain, counts)
+    assert fvu_rs < fvu_plain, (fvu_rs, fvu_plain)

@@ -333,8 +333,10 @@ def _run(cfg: dict, out: Path) -> subprocess.Popen:
 
 def test_killed_training_resumes_to_the_same_weights(synth, tmp_path):
     # 40 steps of 256 rows is 2.5 epochs of the ~4,000 training rows: the kill and the resume cross epochs.
-    cfg = _cfg(synth, steps=40, checkpoint_every=8)
+    # A 5-step dead window (1,280 rows) lets the AuxK and resampling (steps 10, 20, 30) act in so short a run.
+    cfg = _cfg(synth, steps=40, checkpoint_every=8, dead_window_steps=5, dead_frequency=1e-3)
     cfg["dictionaries"] += [
+        {"name": "rs", "kind": "topk", "d_sae": 1024, "k": 4, "resample_every": 10},
         {"name": "gs2", "kind": "jumprelu", "d_sae": 64, "sparsity_coeff": 1.0, "sparsity_loss": "quadratic",
          "target_l0": 8, "freq_coeff": 1.0, "freq_max": 0.05, "matryoshka_widths": [8, 32]},
         {"name": "mbtk", "kind": "topk", "d_sae": 64, "k": 4, "selection": "batch", "matryoshka_widths": [8, 32]},
@@ -351,7 +353,9 @@ def test_killed_training_resumes_to_the_same_weights(synth, tmp_path):
     assert not (killed / "jumprelu-64-l0.01").exists(), "killed before the end"
     assert _run(cfg, killed).wait() == 0
     assert _run(cfg, tmp_path / "clean").wait() == 0
-    for name in ("jumprelu-64-l0.01", "topk-64-k4", "gs2", "mbtk", "btk"):
+    logged = [json.loads(line) for line in (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("rs/resampled", 0) for r in logged) > 0, "the run resampled after the resume"
+    for name in ("jumprelu-64-l0.01", "topk-64-k4", "gs2", "mbtk", "btk", "rs"):
         a = load_file(str(killed / name / "weights.safetensors"))
         b = load_file(str(tmp_path / "clean" / name / "weights.safetensors"))
         for k in a:

@@ -62,6 +62,11 @@ class DictSpec(_Strict):
         True, description="topk: AuxK's gradient reaches b_dec through the centred encoder input (Gao et al., SAELens); "
                           "false: only the dead latents' encoder and decoder move, as in a JumpReLU's AuxK")
     dead_after_tokens: int = 1_000_000
+    resample_every: int | None = Field(
+        None, gt=0, description="jumprelu, topk, relu: every N steps point the dead latents at badly reconstructed "
+                                "rows (Bricken et al. 2023; None: off)")
+    resample_until: int | None = Field(
+        None, ge=0, description="no resampling after this step (default: the step the learning rate starts to decay)")
     iterations: int = Field(20, gt=0, description="J: matching-pursuit iterations (icfl)")
     atoms_per_iteration: int = Field(5, gt=0, description="L: atoms picked and fitted per iteration (icfl)")
     atom_selection: Literal["signed", "absolute"] = Field("signed", description="rank atoms by ⟨d, r⟩ or |⟨d, r⟩| (icfl)")
@@ -193,6 +198,17 @@ class TrainConfig(_Strict):
                     prefix_ends(d.matryoshka_widths, d.d_sae)
                 except ValueError as err:
                     raise ScopeError(f"dictionary {d.label()!r}: {err}, e.g. [{d.d_sae // 16}, {d.d_sae // 4}]") from None
+            if d.resample_every is not None:
+                if d.kind not in ("jumprelu", "topk", "relu"):
+                    raise ScopeError(f"dictionary {d.label()!r}: resample_every resamples an SAE's dead latents; it "
+                                     f"needs kind jumprelu, topk or relu (this one is {d.kind})")
+                if d.resample_every < self.trainer.dead_window_steps:
+                    raise ScopeError(f"dictionary {d.label()!r}: resample_every {d.resample_every} is shorter than "
+                                     f"trainer.dead_window_steps {self.trainer.dead_window_steps}, so a latent just "
+                                     "resampled would still count as dead at the next resampling; use a "
+                                     f"resample_every of at least {self.trainer.dead_window_steps}")
+            elif d.resample_until is not None:
+                raise ScopeError(f"dictionary {d.label()!r}: resample_until {d.resample_until} needs resample_every")
             if d.init_l0 is not None and (d.family() != "jumprelu" or d.init_l0 >= d.d_sae):
                 raise ScopeError(f"dictionary {d.label()!r}: init_l0 {d.init_l0:g} needs kind jumprelu and a value "
                                  f"below d_sae ({d.d_sae})")

@@ -33,6 +33,7 @@ from scope.store import ActivationStore
 from scope.store.fs import replace_folder
 from scope.training.config import DictSpec, TrainConfig, load_config
 from scope.training.logging import MetricLogger
+from scope.training.resample import resample_dead
 
 CHECKPOINT = "checkpoint"
 SNAPSHOTS = "snapshots"  # out/snapshots/step-NNNNNNN/NAME: dictionaries saved along the way (snapshot_every)
@@ -363,6 +364,12 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
             if world > 1:
                 dist.all_reduce(counts, op=dist.ReduceOp.SUM)
             run.record(counts, xr.shape[0] * world, step, block_steps)
+            if resamples_at(run.spec, step + 1, total_steps, t.lr_decay_start):
+                dead = run.dead_mask(t.dead_frequency)
+                if dead is not None:  # every rank draws the same rows from the same global batch
+                    seed = t.seed * 1_000_003 + step + 1
+                    row[f"{run.name}/resampled"] = resample_dead(run.sae, run.opt, _global_rows(xr, world), dead,
+                                                                 torch.Generator().manual_seed(seed))
             if logging:
                 goal = (xr if y is None else y) * run.sae.reconstruction_scale()
                 var = (goal - goal.mean(0)).pow(2).sum(-1).mean()
@@ -396,6 +403,25 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
     if world > 1:
         dist.barrier()
     return saved
+
+
+def resamples_at(spec: DictSpec, step: int, total_steps: int, decay_start: float) -> bool:
+    """Whether ``spec``'s dead latents are resampled after ``step`` (1-based): every ``resample_every`` steps up
+    to ``resample_until``, by default the step the learning rate starts to decay (a resampled latent learns
+    its feature at the full learning rate)."""
+    if not spec.resample_every or step % spec.resample_every:
+        return False
+    until = spec.resample_until if spec.resample_until is not None else int(decay_start * total_steps)
+    return step <= until
+
+
+def _global_rows(x: torch.Tensor, world: int) -> torch.Tensor:
+    """The global batch from every rank's slice (the slice itself on one process)."""
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())  # (gloo has no all_gather_into_tensor)
+    return torch.cat(parts)
 
 
 def _save(run: Trained, folder: Path) -> Path:
