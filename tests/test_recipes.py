@@ -487,3 +487,23 @@ def test_resampling_leaves_fewer_dead_latents_on_the_real_model(small_store, tmp
     # of 2,048) and FVU 0.180 against 0.189 on the store's rows.
     assert dead_plain - dead_rs > 0.25 * sum(counts), (dead_rs, dead_plain, counts)
     assert fvu_rs < fvu_plain, (fvu_rs, fvu_plain)
+
+
+def test_identical_rows_at_the_top_do_not_blow_up_a_resampled_latent():
+    from scope.training.resample import resample_dead
+
+    sae, opt = _stepped_topk()
+    x = torch.randn(512, 16, generator=torch.Generator().manual_seed(4))
+    x[:40] = 30 * x[0]  # as the first position of every window: the same row many times, and the worst reconstructed
+    codes = sae.encode(x)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[7] = True
+    fired = codes[:, ~dead][codes[:, ~dead] != 0]
+    mid = float(fired.median())
+    assert resample_dead(sae, opt, x, dead, torch.Generator().manual_seed(0)) == 1
+    new = sae.pre_acts(x)[:, 7].detach()
+    assert float(torch.nn.functional.cosine_similarity(sae.W_dec.detach()[7], x[0] * 0.5 - sae.b_dec.detach(), dim=0)) > 0.9999
+    assert float(new.max()) <= mid * (1 + 1e-4), "no code on the batch above the live median"
+    assert float(new[:40].min()) > 0, "it fires on the repeated row"
+    enc = sae.W_enc.detach()
+    assert float(enc[:, 7].norm()) < float(enc[:, ~dead].norm(dim=0).max()), "an encoder scale like the live ones'"
