@@ -15,7 +15,7 @@ Two changes for the sparse SAEs scope trains rather than the L1 ReLU SAE of the 
   and bias b are set so that it fires on about as many of the batch's rows as a latent fires on average (L0 /
   width) at the 5th percentile of the live codes, and on the row it projects on most at their median: a new
   latent starts as a typical one. Where the rows it projects on most are all the same (a store holds the first
-  position of every window, the same activation each time), the spread is taken as at least half the top
+  position of every window, the same activation each time), the spread is taken as at least a tenth of the top
   projection: with a spread of 0, the first version of this code (session 14) gave one latent an encoder scale
   near 10⁶, and the 16k study's batch FVU went from 0.04 to 10⁵ within ten steps.
 - **Adam's second moment of the new weights is set to the live latents' mean, not 0.** With β2 = 0.999 and a
@@ -64,8 +64,8 @@ def resample_dead(sae: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, 
     kth = min(max(1, round(rate * x.shape[0])), x.shape[0] - 1)
     top = proj.topk(kth + 1, dim=0).values
     # Identical rows (the first position of every window holds the same activation) can fill the top: a gap of 0
-    # would give an unbounded scale. At least half the top projection keeps every code on the batch below mid.
-    scale = (mid - lo) / torch.maximum(top[0] - top[-1], 0.5 * top[0].abs()).clamp_min(1e-12)
+    # would give an unbounded scale; a floor of a tenth of the top projection bounds it.
+    scale = (mid - lo) / torch.maximum(top[0] - top[-1], 0.1 * top[0].abs()).clamp_min(1e-12)
     bias = lo - scale * top[-1]
 
     dec_norm = sae.W_dec[alive].norm(dim=1).mean()
