@@ -166,10 +166,12 @@ def main() -> None:
     scored.mkdir(parents=True, exist_ok=True)
     cache = evaluate_new(scored / EVALS, dictionaries_by_step(out, names, total_steps), held_out, args.lm_tokens,
                          args.curve_lm_tokens or args.lm_tokens, total_steps)
-    last = max((int(k.rsplit("@", 1)[1]) for k in cache), default=0)
-    final = [cache[f"{n}@{last}"] for n in names if f"{n}@{last}" in cache]
-    written = write_results(str(scored), "quality.json", {"final_step": last, "results": final, "all": cache},
-                            figures(cache, names, cfg.trainer.batch_size, last))
+    # The cache also holds what other scripts scored on the same windows (benchmarks/sae_finetune.py: NAME+ftLR).
+    study = {k: v for k, v in cache.items() if "@" in k}
+    last = max((int(k.rsplit("@", 1)[1]) for k in study), default=0)
+    final = [study[f"{n}@{last}"] for n in names if f"{n}@{last}" in study]
+    written = write_results(str(scored), "quality.json", {"final_step": last, "results": final, "all": study},
+                            figures(study, names, cfg.trainer.batch_size, last))
     if args.figures:
         for name in ("sae_quality_curve", "sae_quality_l0"):
             shutil.copy(written[name], Path(args.figures) / f"{name}.html")
