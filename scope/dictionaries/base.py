@@ -158,6 +158,10 @@ class Dictionary(nn.Module):
     def after_step(self, step: int) -> None:
         """Called by the trainer after each optimiser step (ICFL re-draws duplicate atoms here)."""
 
+    def trained_threshold(self) -> nn.Parameter | None:
+        """The per-latent threshold the optimiser trains (a JumpReLU's θ); None here (a BatchTopK's is a buffer)."""
+        return None
+
     # --- invariants ------------------------------------------------------------------------
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -147,6 +147,9 @@ class JumpReLU(Dictionary):
             self.threshold.data = self.threshold.data.float()
         return out
 
+    def trained_threshold(self) -> nn.Parameter:
+        return self.threshold
+
     @torch.no_grad()
     def project(self) -> None:
         super().project()

@@ -16,8 +16,8 @@ Two changes for the sparse SAEs scope trains rather than the L1 ReLU SAE of the 
   width) at the 5th percentile of the live codes, and on the row it projects on most at their median: a new
   latent starts as a typical one. Where the rows it projects on most are all the same (a store holds the first
   position of every window, the same activation each time), the spread is taken as at least a tenth of the top
-  projection: with a spread of 0, the first version of this code (session 14) gave one latent an encoder scale
-  near 10⁶, and the 16k study's batch FVU went from 0.04 to 10⁵ within ten steps.
+  projection: with a spread of 0 one latent got an encoder scale near 10⁶ in the 16k study, and the batch FVU
+  went from 0.04 to 10⁵ within ten steps.
 - **Adam's second moment of the new weights is set to the live latents' mean, not 0.** With β2 = 0.999 and a
   second moment of 0, the first step after a reset moves each weight by about 30 learning rates.
 
@@ -72,19 +72,14 @@ def resample_dead(sae: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, 
     sae.W_enc[:, idx] = (u * scale[:, None]).T.to(sae.W_enc.dtype)
     sae.W_dec[idx] = (u * dec_norm).to(sae.W_dec.dtype)
     sae.b_enc[idx] = bias.to(sae.b_enc.dtype)
-    theta = getattr(sae, "threshold", None)
-    if isinstance(theta, torch.nn.Parameter):
+    theta = sae.trained_threshold()
+    if theta is not None:
         theta[idx] = theta[alive].median()
 
-    for p, cols in ((sae.W_enc, (slice(None), idx)), (sae.W_dec, (idx,)), (sae.b_enc, (idx,)),
-                    (theta, (idx,))):
-        state = opt.state.get(p) if isinstance(p, torch.Tensor) else None
-        if not state:
-            continue
-        live = (slice(None), alive) if p is sae.W_enc else (alive,)
-        state["exp_avg"][cols] = 0
-        sq = state["exp_avg_sq"]
-        typical = sq[live].mean(1, keepdim=True) if p is sae.W_enc else \
-            sq[live].mean(0) if sq.dim() > 1 else sq[live].mean()
-        sq[cols] = typical
+    for p, latent_dim in ((sae.W_enc, 1), (sae.W_dec, 0), (sae.b_enc, 0), (theta, 0)):
+        state = opt.state.get(p) if p is not None else None
+        if state:  # views with the latents along the first axis; writes reach the optimiser's tensors
+            avg, sq = state["exp_avg"].movedim(latent_dim, 0), state["exp_avg_sq"].movedim(latent_dim, 0)
+            avg[idx] = 0
+            sq[idx] = sq[alive].mean(0)
     return n

@@ -510,14 +510,8 @@ def _clipped(sae: Dictionary) -> list[torch.Tensor]:
     """The parameters whose gradient ``max_grad_norm`` clips (and whose norm the log shows): all with a gradient
     but a JumpReLU's trained thresholds, whose pseudo-gradient scales with 1/ε (~50 against ~0.05 for the rest
     at ε 0.002 on Gemma 3 270M), so that in a global norm it would set the clip for every other parameter."""
-    theta = _trained_threshold(sae)
+    theta = sae.trained_threshold()
     return [p for p in sae.parameters() if p.grad is not None and p is not theta]
-
-
-def _trained_threshold(sae: Dictionary) -> torch.nn.Parameter | None:
-    """A JumpReLU's trained θ; None for a dictionary without one (a BatchTopK's threshold is a buffer)."""
-    theta = getattr(sae, "threshold", None)
-    return theta if isinstance(theta, torch.nn.Parameter) else None
 
 
 def _param_groups(sae: Dictionary, spec: DictSpec, lr: float) -> list[dict]:
@@ -529,7 +523,7 @@ def _param_groups(sae: Dictionary, spec: DictSpec, lr: float) -> list[dict]:
     trainable = [p for p in sae.parameters() if p.requires_grad]
     if not spec.threshold_lr:
         return [{"params": trainable, "base_lr": lr}]
-    theta = _trained_threshold(sae)
+    theta = sae.trained_threshold()
     if theta is None:
         raise ScopeError(f"dictionary {spec.label()!r}: threshold_lr sets the learning rate of trained JumpReLU "
                          f"thresholds, and a {spec.kind} dictionary has none; remove threshold_lr")
