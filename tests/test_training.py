@@ -363,8 +363,12 @@ def test_killed_training_resumes_to_the_same_weights(synth, tmp_path):
 
 
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(synth, tmp_path):
-    cfg = _cfg(synth, steps=10)
-    cfg["dictionaries"] = cfg["dictionaries"][:1]  # JumpReLU: every term is a batch mean
+    # JumpReLUs: every term is a batch mean. "rs" resamples its dead latents (steps 5 and 10) from the batch
+    # gathered from both processes; a rank that drew other rows would leave rank 0's weights off the 1-process run.
+    cfg = _cfg(synth, steps=10, dead_window_steps=2, dead_frequency=1e-3)
+    cfg["dictionaries"] = [cfg["dictionaries"][0],
+                           {"name": "rs", "kind": "jumprelu", "d_sae": 1024, "sparsity_coeff": 0.01, "threshold_init": 0.7,
+                            "resample_every": 5, "resample_until": 10}]
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -375,11 +379,16 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(synth, tm
     one = subprocess.run([sys.executable, "-m", "scope", "train", str(path), "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    a = load_file(str(tmp_path / "one" / "jumprelu-64-l0.01" / "weights.safetensors"))
-    b = load_file(str(tmp_path / "two" / "jumprelu-64-l0.01" / "weights.safetensors"))
-    # Gradients are summed in a different order across processes: equal to float32 round-off.
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    resampled = [{r["step"]: r["rs/resampled"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").open())
+                  if "rs/resampled" in r} for run in ("one", "two")]
+    # Step 5 is not a logging step (log_every 2): a resampling step is logged all the same.
+    assert set(resampled[0]) == {5, 10} and sum(resampled[0].values()) > 0 and resampled[0] == resampled[1]
+    for name in ("jumprelu-64-l0.01", "rs"):
+        a = load_file(str(tmp_path / "one" / name / "weights.safetensors"))
+        b = load_file(str(tmp_path / "two" / name / "weights.safetensors"))
+        # Gradients are summed in a different order across processes: equal to float32 round-off.
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{name}.{k}")
     assert not torch.equal(a["W_dec"], build({"kind": "jumprelu", "d_in": 16, "d_sae": 64}).W_dec)
 
 

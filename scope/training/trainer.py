@@ -329,6 +329,9 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
         y = rest[0] if rest else None  # a transcoder's output site
         lr_mult, lam_mult = lr_at(step, total_steps, t), sparsity_at(step, t)
         row = {"step": step + 1, "tokens": (step + 1) * t.batch_size, "lr_mult": lr_mult, "sparsity_mult": lam_mult}
+        # A step that resamples is logged too, or its count of resampled latents would be lost.
+        logging = ((step + 1) % t.log_every == 0 or step + 1 == total_steps
+                   or any(resamples_at(run.spec, step + 1, total_steps, t.lr_decay_start) for run in runs))
         prepared: dict[str, torch.Tensor] = {}  # dictionaries with the same whitening share its output
         for run in runs:
             for group in run.opt.param_groups:
@@ -350,7 +353,6 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
                 _average_grads(run.sae, world)
             if run.sae.unit_norm_decoder:
                 run.sae.remove_parallel_decoder_grad()
-            logging = (step + 1) % t.log_every == 0 or step + 1 == total_steps
             clip = run.spec.max_grad_norm or t.max_grad_norm
             if clip is not None or logging:
                 # Clipping bounds one batch's pull: with Adam's β1 = 0 a gradient far above the running second
@@ -380,7 +382,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
                             f"{run.name}/grad_norm": float(grad_norm)})
                 if parts.aux is not None:
                     row[f"{run.name}/aux"] = float(parts.aux.detach())
-        if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
+        if logging:
             row["tokens_per_s"] = (step + 1 - start) * t.batch_size / max(time.time() - t0, 1e-9)
             logger.log(row)
             first = runs[0].name
