@@ -507,3 +507,43 @@ def test_identical_rows_at_the_top_do_not_blow_up_a_resampled_latent():
     assert float(new[:40].min()) > 0, "it fires on the repeated row"
     enc = sae.W_enc.detach()
     assert float(enc[:, 7].norm()) < float(enc[:, ~dead].norm(dim=0).max()), "an encoder scale like the live ones'"
+
+
+def test_lazy_adam_keeps_the_second_moment_of_a_latent_without_gradient():
+    from scope.training.lazy_adam import hold_idle
+    from scope.training.trainer import adam
+
+    torch.manual_seed(0)
+    sae = build({"kind": "jumprelu", "d_in": 8, "d_sae": 6})
+    plain = adam(sae.parameters(), 1e-2, (0.0, 0.999))
+    for _ in range(3):
+        sum(p.sum() for p in sae.parameters()).backward()
+        plain.step()
+        plain.zero_grad()
+    axes = {id(p): a for p, a in sae.latent_params()}
+    before = {id(p): (p.detach().clone(), plain.state[p]["exp_avg_sq"].clone()) for p in sae.parameters()}
+    for p in sae.parameters():  # latent 2 gets no gradient this step, the others a gradient of 1
+        p.grad = torch.ones_like(p)
+        if id(p) in axes:
+            p.grad.movedim(axes[id(p)], 0)[2] = 0
+    restore = hold_idle(sae, plain)
+    plain.step()
+    restore()
+    for p, axis in sae.latent_params():
+        w0, v0 = (t.movedim(axis, 0) for t in before[id(p)])
+        w, v = p.detach().movedim(axis, 0), plain.state[p]["exp_avg_sq"].movedim(axis, 0)
+        assert torch.equal(w[2], w0[2])
+        torch.testing.assert_close(v[2], v0[2], rtol=1e-6, atol=0)  # plain Adam: 0.999 of it
+        torch.testing.assert_close(v[0], 0.999 * v0[0] + 0.001, rtol=1e-6, atol=0)
+        assert not torch.equal(w[0], w0[0])
+    b_dec_v = plain.state[sae.b_dec]["exp_avg_sq"]
+    torch.testing.assert_close(b_dec_v, 0.999 * before[id(sae.b_dec)][1] + 0.001)  # not a latent parameter
+
+
+def test_lazy_adam_needs_beta1_zero():
+    cfg = {"store": "somewhere", "trainer": {"total_tokens": 4096, "adam_betas": [0.9, 0.999]},
+           "dictionaries": [{"kind": "topk", "d_sae": 64, "k": 4, "lazy_adam": True}]}
+    with pytest.raises(ScopeError, match=r"lazy_adam needs Adam's β1 = 0 \(adam_betas \[0\.9, 0\.999\]\)"):
+        load_config(data=cfg)
+    cfg["trainer"]["adam_betas"] = [0.0, 0.999]
+    load_config(data=cfg)

@@ -162,6 +162,11 @@ class Dictionary(nn.Module):
         """The per-latent threshold the optimiser trains (a JumpReLU's θ); None here (a BatchTopK's is a buffer)."""
         return None
 
+    def latent_params(self) -> list[tuple[nn.Parameter, int]]:
+        """The per-latent parameters, each with the axis that indexes the latents (W_enc's columns, W_dec's rows)."""
+        theta = self.trained_threshold()
+        return [(self.W_enc, 1), (self.W_dec, 0), (self.b_enc, 0)] + ([(theta, 0)] if theta is not None else [])
+
     # --- invariants ------------------------------------------------------------------------
     @torch.no_grad()
     def normalize_decoder(self) -> None:

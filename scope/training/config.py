@@ -78,6 +78,9 @@ class DictSpec(_Strict):
         None, gt=0, description="jumprelu: θ's own learning rate (default: the dictionary's lr); scaled by the schedule")
     adam_betas: tuple[float, float] | None = Field(None, description="overrides trainer.adam_betas for this dictionary")
     max_grad_norm: float | None = Field(None, gt=0, description="overrides trainer.max_grad_norm for this dictionary")
+    lazy_adam: bool = Field(
+        False, description="a latent that gets no gradient in a step keeps its weights and Adam state "
+                           "(scope/training/lazy_adam.py): a rarely firing latent moves ~lr when it fires, not lr/√p")
     apply_b_dec_to_input: bool | None = Field(None, description="subtract b_dec before encoding (default: per kind)")
 
     def revives(self) -> bool:
@@ -209,6 +212,10 @@ class TrainConfig(_Strict):
                                      f"resample_every of at least {self.trainer.dead_window_steps}")
             elif d.resample_until is not None:
                 raise ScopeError(f"dictionary {d.label()!r}: resample_until {d.resample_until} needs resample_every")
+            if d.lazy_adam and (d.adam_betas or self.trainer.adam_betas)[0] != 0:
+                raise ScopeError(f"dictionary {d.label()!r}: lazy_adam needs Adam's β1 = 0 (adam_betas "
+                                 f"{list(d.adam_betas or self.trainer.adam_betas)}), where a latent without gradient "
+                                 "does not move; set adam_betas: [0.0, 0.999] or remove lazy_adam")
             if d.init_l0 is not None and (d.family() != "jumprelu" or d.init_l0 >= d.d_sae):
                 raise ScopeError(f"dictionary {d.label()!r}: init_l0 {d.init_l0:g} needs kind jumprelu and a value "
                                  f"below d_sae ({d.d_sae})")

@@ -76,8 +76,8 @@ def resample_dead(sae: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, 
     if theta is not None:
         theta[idx] = theta[alive].median()
 
-    for p, latent_dim in ((sae.W_enc, 1), (sae.W_dec, 0), (sae.b_enc, 0), (theta, 0)):
-        state = opt.state.get(p) if p is not None else None
+    for p, latent_dim in sae.latent_params():
+        state = opt.state.get(p)
         if state:  # views with the latents along the first axis; writes reach the optimiser's tensors
             avg, sq = state["exp_avg"].movedim(latent_dim, 0), state["exp_avg_sq"].movedim(latent_dim, 0)
             avg[idx] = 0

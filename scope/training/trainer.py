@@ -33,6 +33,7 @@ from scope.store import ActivationStore
 from scope.store.fs import replace_folder
 from scope.training.config import DictSpec, TrainConfig, load_config
 from scope.training.logging import MetricLogger
+from scope.training.lazy_adam import hold_idle
 from scope.training.resample import resample_dead
 
 CHECKPOINT = "checkpoint"
@@ -358,7 +359,10 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
                 # Clipping bounds one batch's pull: with Adam's β1 = 0 a gradient far above the running second
                 # moment moves each parameter by several learning rates at once. The norm is logged either way.
                 grad_norm = torch.nn.utils.clip_grad_norm_(_clipped(run.sae), clip or math.inf)
+            restore = hold_idle(run.sae, run.opt) if run.spec.lazy_adam else None
             run.opt.step()
+            if restore is not None:
+                restore()
             run.opt.zero_grad(set_to_none=True)
             run.sae.project()
             run.sae.after_step(step + 1)
