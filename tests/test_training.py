@@ -333,10 +333,11 @@ def _run(cfg: dict, out: Path) -> subprocess.Popen:
 
 def test_killed_training_resumes_to_the_same_weights(synth, tmp_path):
     # 40 steps of 256 rows is 2.5 epochs of the ~4,000 training rows: the kill and the resume cross epochs.
-    # A 5-step dead window (1,280 rows) lets the AuxK and resampling (steps 10, 20, 30) act in so short a run.
+    # A 5-step dead window (1,280 rows) lets the AuxK and resampling (steps 10, 20, 30) act in so short a run;
+    # "rs" also trains with lazy Adam.
     cfg = _cfg(synth, steps=40, checkpoint_every=8, dead_window_steps=5, dead_frequency=1e-3)
     cfg["dictionaries"] += [
-        {"name": "rs", "kind": "topk", "d_sae": 1024, "k": 4, "resample_every": 10},
+        {"name": "rs", "kind": "topk", "d_sae": 1024, "k": 4, "resample_every": 10, "lazy_adam": True},
         {"name": "gs2", "kind": "jumprelu", "d_sae": 64, "sparsity_coeff": 1.0, "sparsity_loss": "quadratic",
          "target_l0": 8, "freq_coeff": 1.0, "freq_max": 0.05, "matryoshka_widths": [8, 32]},
         {"name": "mbtk", "kind": "topk", "d_sae": 64, "k": 4, "selection": "batch", "matryoshka_widths": [8, 32]},
