@@ -390,7 +390,8 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(synth, tm
         # Gradients are summed in a different order across processes: equal to float32 round-off.
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{name}.{k}")
-    assert not torch.equal(a["W_dec"], build({"kind": "jumprelu", "d_in": 16, "d_sae": 64}).W_dec)
+        fresh = build({"kind": "jumprelu", "d_in": 16, "d_sae": a["W_dec"].shape[0]}).W_dec
+        assert a["W_dec"].shape == fresh.shape and not torch.equal(a["W_dec"], fresh), f"{name} trained"
 
 
 # --- configs ------------------------------------------------------------------------------------

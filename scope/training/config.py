@@ -79,8 +79,8 @@ class DictSpec(_Strict):
     adam_betas: tuple[float, float] | None = Field(None, description="overrides trainer.adam_betas for this dictionary")
     max_grad_norm: float | None = Field(None, gt=0, description="overrides trainer.max_grad_norm for this dictionary")
     lazy_adam: bool = Field(
-        False, description="a latent that gets no gradient in a step keeps its weights and Adam state "
-                           "(scope/training/lazy_adam.py): a rarely firing latent moves ~lr when it fires, not lr/√p")
+        False, description="a latent that gets no gradient in a step keeps its Adam second moment (needs β1 = 0; "
+                           "scope/training/lazy_adam.py): a rarely firing latent moves ~lr when it fires, not lr/√p")
     apply_b_dec_to_input: bool | None = Field(None, description="subtract b_dec before encoding (default: per kind)")
 
     def revives(self) -> bool:
