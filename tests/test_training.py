@@ -411,6 +411,10 @@ def test_shipped_configs_validate():
     (lambda c: c["dictionaries"][0].update(kind="gated"), r"dictionaries\.0\.kind"),
     (lambda c: c["dictionaries"][1].pop("k"), r"topk but sets no `k`"),
     (lambda c: c["trainer"].update(total_tokens=0), r"trainer\.total_tokens"),
+    (lambda c: c["trainer"].update(adam_betas=[1.5, 0.999]), r"trainer\.adam_betas\.0: .*less than 1 \(got 1\.5\)"),
+    (lambda c: c["dictionaries"][0].update(adam_betas=[0, -0.1]), r"dictionaries\.0\.adam_betas\.1: .*(got -0\.1)"),
+    (lambda c: c["dictionaries"][1].update(dead_after_tokens=-5), r"dictionaries\.1\.dead_after_tokens: .*(got -5)"),
+    (lambda c: c["dictionaries"][0].update(d_in=0), r"dictionaries\.0\.d_in: .*(got 0)"),
 ])
 def test_bad_configs_are_clear_errors(change, message):
     cfg = _cfg("somewhere")

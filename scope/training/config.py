@@ -8,7 +8,7 @@ the data. Unknown keys are errors that list the valid ones.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,6 +22,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Adam's decay rates: torch refuses anything outside [0, 1) only once the optimizer is built, mid-run.
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
 class DictSpec(_Strict):
     """One dictionary to train. ``d_in`` defaults to the store's width."""
 
@@ -31,7 +35,7 @@ class DictSpec(_Strict):
         "jumprelu", description="transcoder: the activation (topk and batchtopk take `k`)")
     skip: bool = Field(False, description="transcoder: add an affine skip connection x_in W_skip (a skip transcoder)")
     d_sae: int = Field(gt=0)
-    d_in: int | None = None
+    d_in: int | None = Field(None, gt=0)
     sparsity_coeff: float = Field(0.0, ge=0, description="λ: L0 weight (jumprelu) or L1 weight (relu)")
     k: int | None = Field(None, gt=0, description="active latents per row (topk)")
     selection: Literal["exact", "batch", "statistical"] = "exact"
@@ -61,7 +65,7 @@ class DictSpec(_Strict):
     aux_b_dec: bool = Field(
         True, description="topk: AuxK's gradient reaches b_dec through the centred encoder input (Gao et al., SAELens); "
                           "false: only the dead latents' encoder and decoder move, as in a JumpReLU's AuxK")
-    dead_after_tokens: int = 1_000_000
+    dead_after_tokens: int = Field(1_000_000, gt=0, description="topk: rows without firing after which AuxK counts a latent dead")
     resample_every: int | None = Field(
         None, gt=0, description="jumprelu, topk, relu: every N steps point the dead latents at badly reconstructed "
                                 "rows (Bricken et al. 2023; None: off)")
@@ -76,7 +80,7 @@ class DictSpec(_Strict):
     lr: float | None = Field(None, gt=0, description="overrides trainer.lr for this dictionary")
     threshold_lr: float | None = Field(
         None, gt=0, description="jumprelu: θ's own learning rate (default: the dictionary's lr); scaled by the schedule")
-    adam_betas: tuple[float, float] | None = Field(None, description="overrides trainer.adam_betas for this dictionary")
+    adam_betas: tuple[Beta, Beta] | None = Field(None, description="overrides trainer.adam_betas for this dictionary")
     max_grad_norm: float | None = Field(None, gt=0, description="overrides trainer.max_grad_norm for this dictionary")
     lazy_adam: bool = Field(
         False, description="a latent that gets no gradient in a step keeps its Adam second moment (needs β1 = 0; "
@@ -106,7 +110,7 @@ class TrainerSettings(_Strict):
     total_tokens: int = Field(gt=0, description="token-steps to train; more than the store's rows reads it for several epochs")
     batch_size: int = Field(4096, gt=0)
     lr: float = Field(7e-5, gt=0)
-    adam_betas: tuple[float, float] = (0.0, 0.999)
+    adam_betas: tuple[Beta, Beta] = (0.0, 0.999)
     lr_warmup_steps: int = Field(1000, ge=0)
     lr_decay_start: float = Field(0.8, ge=0, le=1, description="fraction of training after which lr decays linearly to 0")
     sparsity_warmup_steps: int = Field(10_000, ge=0, description="λ rises linearly from 0 over these steps")
@@ -124,7 +128,7 @@ class TrainerSettings(_Strict):
     b_dec_init: Literal["mean", "zeros"] = Field(
         "mean", description="start b_dec at the data mean: Gemma's residual stream has channels with huge means")
     dead_window_steps: int = Field(1000, gt=0, description="dead latents: firing frequency over this many last steps")
-    dead_frequency: float = Field(1e-5, ge=0, description="a latent firing on fewer than this fraction of rows is dead")
+    dead_frequency: float = Field(1e-5, ge=0, le=1, description="a latent firing on fewer than this fraction of rows is dead")
     max_grad_norm: float | None = Field(
         None, gt=0, description="clip each dictionary's gradient to this global norm before the Adam step (off by "
                                 "default); a JumpReLU's trained thresholds are left out of the norm and the clip")
