@@ -415,6 +415,11 @@ def test_shipped_configs_validate():
     (lambda c: c["dictionaries"][0].update(adam_betas=[0, -0.1]), r"dictionaries\.0\.adam_betas\.1: .*(got -0\.1)"),
     (lambda c: c["dictionaries"][1].update(dead_after_tokens=-5), r"dictionaries\.1\.dead_after_tokens: .*(got -5)"),
     (lambda c: c["dictionaries"][0].update(d_in=0), r"dictionaries\.0\.d_in: .*(got 0)"),
+    # an option of another kind would be ignored: a TopK with target_l0, a JumpReLU with k
+    (lambda c: c["dictionaries"][1].update(target_l0=50),
+     r"target_l0 50 is read only by jumprelu dictionaries, and this one is kind topk.*remove target_l0"),
+    (lambda c: c["dictionaries"][0].update(k=32), r"k 32 is read only by topk dictionaries.*kind jumprelu"),
+    (lambda c: c["dictionaries"][1].update(sparsity_coeff=0.5), r"sparsity_coeff 0\.5 is read only by jumprelu and relu"),
 ])
 def test_bad_configs_are_clear_errors(change, message):
     cfg = _cfg("somewhere")
@@ -491,5 +496,5 @@ def test_threshold_lr_gives_jumprelu_thresholds_their_own_learning_rate(synth, t
 def test_threshold_lr_on_a_dictionary_without_trained_thresholds_is_refused(synth, tmp_path):
     cfg = _cfg(synth, steps=2)
     cfg["dictionaries"] = [{"kind": "topk", "d_sae": 64, "k": 4, "threshold_lr": 1e-4}]
-    with pytest.raises(ScopeError, match="'topk-64-k4': threshold_lr .* topk dictionary has none"):
+    with pytest.raises(ScopeError, match="'topk-64-k4': threshold_lr 0.0001 is read only by jumprelu dictionaries.*remove threshold_lr"):
         train(load_config(data=cfg), tmp_path / "run", progress=False)

@@ -223,6 +223,7 @@ class TrainConfig(_Strict):
             if d.init_l0 is not None and (d.family() != "jumprelu" or d.init_l0 >= d.d_sae):
                 raise ScopeError(f"dictionary {d.label()!r}: init_l0 {d.init_l0:g} needs kind jumprelu and a value "
                                  f"below d_sae ({d.d_sae})")
+            _check_fields_apply(d)
         return self
 
     def _check_transcoders(self) -> None:
@@ -241,6 +242,33 @@ class TrainConfig(_Strict):
             if d.kind != "transcoder" and (d.skip or d.activation != "jumprelu"):
                 raise ScopeError(f"dictionary {d.label()!r}: `skip` and `activation` are transcoder fields; "
                                  f"use kind: transcoder")
+
+
+# The dictionary families that read each kind-specific field; another family would ignore it silently.
+_JUMPRELU, _TOPK = ("jumprelu",), ("topk",)
+_FIELD_FAMILIES: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(["bandwidth", "threshold_init", "sparsity_loss", "tanh_scale", "target_l0", "pre_act_coeff",
+                     "pre_act_on", "freq_coeff", "freq_max", "threshold_lr"], _JUMPRELU),
+    **dict.fromkeys(["k", "selection", "dead_after_tokens"], _TOPK),
+    **dict.fromkeys(["aux_k", "aux_coeff"], _JUMPRELU + _TOPK),
+    "sparsity_coeff": ("jumprelu", "relu"),
+    **dict.fromkeys(["iterations", "atoms_per_iteration", "atom_selection", "redraw_every", "redraw_cos"], ("icfl",)),
+}
+
+
+def _check_fields_apply(d: DictSpec) -> None:
+    """Refuse a field set away from its default on a dictionary whose kind never reads it.
+
+    Tested on values, not on the keys given: a run's saved config holds every field at its default.
+    """
+    for field, families in _FIELD_FAMILIES.items():
+        value = getattr(d, field)
+        if d.family() in families or value == DictSpec.model_fields[field].default:
+            continue
+        kind = f"a {d.kind} with activation {d.activation}" if d.kind == "transcoder" else f"kind {d.kind}"
+        shown = f"{value:g}" if isinstance(value, float) else repr(value)
+        raise ScopeError(f"dictionary {d.label()!r}: {field} {shown} is read only by {' and '.join(families)} "
+                         f"dictionaries, and this one is {kind}, which would ignore it; remove {field}")
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:

@@ -529,10 +529,7 @@ def _param_groups(sae: Dictionary, spec: DictSpec, lr: float) -> list[dict]:
     trainable = [p for p in sae.parameters() if p.requires_grad]
     if not spec.threshold_lr:
         return [{"params": trainable, "base_lr": lr}]
-    theta = sae.trained_threshold()
-    if theta is None:
-        raise ScopeError(f"dictionary {spec.label()!r}: threshold_lr sets the learning rate of trained JumpReLU "
-                         f"thresholds, and a {spec.kind} dictionary has none; remove threshold_lr")
+    theta = sae.trained_threshold()  # a JumpReLU's: the config refuses threshold_lr on any other family
     return [{"params": [p for p in trainable if p is not theta], "base_lr": lr},
             {"params": [theta], "base_lr": spec.threshold_lr}]
 
