@@ -136,7 +136,7 @@ def test_aux_b_dec_on_a_jumprelu_is_refused_with_its_name(tmp_path):
            "dictionaries": [{"kind": "jumprelu", "d_sae": 64, "sparsity_coeff": 1.0, "aux_b_dec": False}]}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(ScopeError, match="aux_b_dec is a topk option"):
+    with pytest.raises(ScopeError, match="aux_b_dec False is read only by topk dictionaries, and this one is kind jumprelu.*remove aux_b_dec"):
         load_config(path)
 
 
@@ -263,7 +263,7 @@ def test_jumprelu_batchtopk_phase_trains_as_batchtopk_then_hands_over_to_its_own
     ({"kind": "jumprelu", "sparsity_coeff": 1.0, "sparsity_loss": "quadratic"}, "needs a `target_l0`"),
     ({"kind": "jumprelu", "sparsity_coeff": 1.0, "matryoshka_widths": [32, 16]}, "must increase strictly"),
     ({"kind": "jumprelu", "sparsity_coeff": 1.0, "matryoshka_widths": [16, 128]}, "must increase strictly"),
-    ({"kind": "icfl", "matryoshka_widths": [16]}, "needs kind jumprelu or topk"),
+    ({"kind": "icfl", "matryoshka_widths": [16]}, "matryoshka_widths \\[16\\] is read only by jumprelu and topk"),
     ({"kind": "jumprelu", "sparsity_coeff": 1.0, "batchtopk_steps": 10}, "batchtopk_steps 10 needs target_l0"),
     ({"kind": "topk", "k": 8, "batchtopk_steps": 10}, "and kind jumprelu"),
     ({"kind": "topk", "k": 8, "row_cap": 32}, "row_cap 32 caps a BatchTopK selection"),

@@ -420,6 +420,8 @@ def test_shipped_configs_validate():
      r"target_l0 50 is read only by jumprelu dictionaries, and this one is kind topk.*remove target_l0"),
     (lambda c: c["dictionaries"][0].update(k=32), r"k 32 is read only by topk dictionaries.*kind jumprelu"),
     (lambda c: c["dictionaries"][1].update(sparsity_coeff=0.5), r"sparsity_coeff 0\.5 is read only by jumprelu and relu"),
+    (lambda c: c["dictionaries"][1].update(threshold_lr=1e-4), r"'topk-64-k4': threshold_lr 0\.0001 is read only by jumprelu"),
+    (lambda c: c["dictionaries"][1].update(init_l0=30), r"init_l0 30 is read only by jumprelu dictionaries"),
 ])
 def test_bad_configs_are_clear_errors(change, message):
     cfg = _cfg("somewhere")
@@ -492,9 +494,3 @@ def test_threshold_lr_gives_jumprelu_thresholds_their_own_learning_rate(synth, t
     assert shared > 1e-3, "θ trains at the dictionary's lr (3e-3) by default"
     assert 0.5 < (own / shared) / (3e-5 / 3e-3) < 2, (own, shared)
 
-
-def test_threshold_lr_on_a_dictionary_without_trained_thresholds_is_refused(synth, tmp_path):
-    cfg = _cfg(synth, steps=2)
-    cfg["dictionaries"] = [{"kind": "topk", "d_sae": 64, "k": 4, "threshold_lr": 1e-4}]
-    with pytest.raises(ScopeError, match="'topk-64-k4': threshold_lr 0.0001 is read only by jumprelu dictionaries.*remove threshold_lr"):
-        train(load_config(data=cfg), tmp_path / "run", progress=False)

@@ -178,6 +178,7 @@ class TrainConfig(_Strict):
                                  "but sets no `k`")
             if d.family() in ("jumprelu", "relu") and d.sparsity_coeff == 0:
                 raise ScopeError(f"dictionary {d.label()!r} ({d.kind}) needs a positive `sparsity_coeff` (λ)")
+            _check_fields_apply(d)  # after what is missing, before the checks of values that it makes moot
             if d.sparsity_loss == "quadratic" and not (d.target_l0 and d.target_l0 < d.d_sae):
                 raise ScopeError(f"dictionary {d.label()!r}: sparsity_loss quadratic needs a `target_l0` below "
                                  f"d_sae ({d.d_sae})")
@@ -195,12 +196,7 @@ class TrainConfig(_Strict):
                 if k is not None and d.row_cap < k:
                     raise ScopeError(f"dictionary {d.label()!r}: row_cap {d.row_cap} is below k = {k:g}, so the batch "
                                      f"could not keep k latents per row on average; use a row_cap of at least {k:g}")
-            if not d.aux_b_dec and d.family() != "topk":  # (saved configs hold every field, so test the value)
-                raise ScopeError(f"dictionary {d.label()!r}: aux_b_dec is a topk option, and a {d.family()} "
-                                 "dictionary's AuxK never moves b_dec; remove aux_b_dec")
             if d.matryoshka_widths is not None:
-                if d.family() not in ("jumprelu", "topk"):
-                    raise ScopeError(f"dictionary {d.label()!r}: matryoshka_widths needs kind jumprelu or topk")
                 try:  # the dictionaries' own rule, checked before anything is built
                     prefix_ends(d.matryoshka_widths, d.d_sae)
                 except ValueError as err:
@@ -220,10 +216,8 @@ class TrainConfig(_Strict):
                 raise ScopeError(f"dictionary {d.label()!r}: lazy_adam needs Adam's β1 = 0 (adam_betas "
                                  f"{list(d.adam_betas or self.trainer.adam_betas)}), where a latent without gradient "
                                  "does not move; set adam_betas: [0.0, 0.999] or remove lazy_adam")
-            if d.init_l0 is not None and (d.family() != "jumprelu" or d.init_l0 >= d.d_sae):
-                raise ScopeError(f"dictionary {d.label()!r}: init_l0 {d.init_l0:g} needs kind jumprelu and a value "
-                                 f"below d_sae ({d.d_sae})")
-            _check_fields_apply(d)
+            if d.init_l0 is not None and d.init_l0 >= d.d_sae:
+                raise ScopeError(f"dictionary {d.label()!r}: init_l0 {d.init_l0:g} needs a value below d_sae ({d.d_sae})")
         return self
 
     def _check_transcoders(self) -> None:
@@ -248,9 +242,9 @@ class TrainConfig(_Strict):
 _JUMPRELU, _TOPK = ("jumprelu",), ("topk",)
 _FIELD_FAMILIES: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(["bandwidth", "threshold_init", "sparsity_loss", "tanh_scale", "target_l0", "pre_act_coeff",
-                     "pre_act_on", "freq_coeff", "freq_max", "threshold_lr"], _JUMPRELU),
-    **dict.fromkeys(["k", "selection", "dead_after_tokens"], _TOPK),
-    **dict.fromkeys(["aux_k", "aux_coeff"], _JUMPRELU + _TOPK),
+                     "pre_act_on", "freq_coeff", "freq_max", "threshold_lr", "init_l0"], _JUMPRELU),
+    **dict.fromkeys(["k", "selection", "dead_after_tokens", "aux_b_dec"], _TOPK),
+    **dict.fromkeys(["aux_k", "aux_coeff", "matryoshka_widths"], _JUMPRELU + _TOPK),
     "sparsity_coeff": ("jumprelu", "relu"),
     **dict.fromkeys(["iterations", "atoms_per_iteration", "atom_selection", "redraw_every", "redraw_cos"], ("icfl",)),
 }
