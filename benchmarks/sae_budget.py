@@ -14,7 +14,7 @@ The defaults are the layer-6 studies at 5M, 10M, 20M and 40M token-steps (``sae_
 *-4k.yaml`` with ``runs/quality-*``); a study whose final dictionaries are not evaluated yet is skipped with a note.
 ``@NAME`` reads that study's NAME in place of ``--first``, for a length at which the recipe needed a change (the
 table says so): at 40M the shipped JumpReLU recipe collapsed at its hand-over from BatchTopK, and its 40M point is
-the same recipe with the BatchTopK phase capped at 16M token-steps (docs/methods/jumprelu.md).
+the same recipe with the BatchTopK phase capped at 16M token-steps (docs/methods/sae_quality.md).
 """
 
 from __future__ import annotations

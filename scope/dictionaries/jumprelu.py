@@ -30,7 +30,7 @@ b_dec learns as the decoder's bias only. The θ are fixed thresholds on the pre-
 b_dec moves every pre-activation at once, so through the encoder the L0 and frequency penalties (and AuxK)
 could lower the firing of all latents together with one vector, which Adam with β1 = 0 moves by about the
 learning rate per coordinate per step. In the 10M study a quadratic-penalty JumpReLU with that gradient
-fell from L0 ~45 to L0 ~6 within 30 steps, with almost no latent dead beforehand (docs/methods/jumprelu.md).
+fell from L0 ~45 to L0 ~6 within 30 steps, with almost no latent dead beforehand (docs/methods/sae_quality.md).
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ class JumpReLU(Dictionary):
         activation, so that at any step the JumpReLU infers as the BatchTopK SAE would (TopK.as_jumprelu).
         When the phase ends each θᵢ starts from that shared threshold and trains on its own. Why: in the 10M
         study a JumpReLU trained from scratch lost 29-42 % of its latents while BatchTopK kept all but a few
-        (docs/methods/jumprelu.md); a latent dies in a JumpReLU when its pre-activations sink below its θ, and
+        (docs/methods/sae_quality.md); a latent dies in a JumpReLU when its pre-activations sink below its θ, and
         in the BatchTopK phase a latent fires whenever it ranks in the batch's top, whatever its θ.
         """
         xs = x.to(self.W_enc.dtype) * self.input_scale

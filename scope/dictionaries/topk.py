@@ -69,7 +69,7 @@ def batch_top_indices(pre: torch.Tensor, k: int, row_cap: int | None = None) -> 
     ``row_cap`` (≥ k) takes the k·B largest entries among each row's own ``row_cap`` largest instead: no row
     keeps more than ``row_cap`` latents. At initialisation the uncapped selection gives Gemma's highest-norm
     rows thousands of latents each (up to 2,144 of 16,384 on Gemma 3 270M, and none to 29 % of rows), whose
-    reconstructions then overshoot by far (docs/methods/jumprelu.md).
+    reconstructions then overshoot by far (docs/methods/sae_quality.md).
     """
     n, (rows, width) = k * pre.shape[0], pre.shape
     per_row = min(width, row_cap or 4 * k)

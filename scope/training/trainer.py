@@ -525,7 +525,7 @@ def _param_groups(sae: Dictionary, spec: DictSpec, lr: float) -> list[dict]:
 
     With Adam and β1 = 0 every parameter moves by about its learning rate per step whatever its gradient's
     size, and θ is small (~0.015 on Gemma 3 270M in training units), so at lr 1e-3 each step can move it by 7 %
-    (docs/methods/jumprelu.md, the 10M study)."""
+    (docs/methods/sae_quality.md, the 10M study)."""
     trainable = [p for p in sae.parameters() if p.requires_grad]
     if not spec.threshold_lr:
         return [{"params": trainable, "base_lr": lr}]
