@@ -337,3 +337,88 @@ def test_a_second_capture_into_the_same_folder_is_refused_and_names_the_holder(r
     result = real_cli("cache", "--out", out, "--tokens", "50", "--corpus", "wiki", "--context", "32")
     assert result.exit_code == 0, result.output
     assert ActivationStore(str(out)).info()["rows"] == 50
+
+
+# --- values a new user mistypes: devices, overrides, configs, output paths --------------------------
+@pytest.mark.parametrize("device,message", [
+    ("cudax", "device 'cudax' is not a device name; this machine has cpu"),
+    ("cuda:99", "device 'cuda:99' is not on this machine, which has cpu"),
+])
+def test_a_device_the_machine_lacks_is_named(store, sae_dir, tmp_path, device, message):
+    line = error_line(run("eval", "--no-lm", "--sae", sae_dir, "--store", store, "--device", device))
+    assert message in line, line
+    line = error_line(run("train", _train_cfg(store, tmp_path), "--out", tmp_path / "run",
+                          "--set", f"trainer.device={device}"))
+    assert f"trainer.device: {message}" in line, line
+    assert not (tmp_path / "run").exists()
+    assert run("eval", "--no-lm", "--sae", sae_dir, "--store", store, "--device", "cpu").exit_code == 0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.lr=inf", "trainer.lr: Input should be a finite number (got 'inf')"),
+    ("dictionaries.0.sparsity_coeff=.inf", "dictionaries.0.sparsity_coeff: Input should be a finite number"),
+    ("dictionaries.0.name=a/b", "dictionaries.0.name: a dictionary name is its folder under --out, so it needs a "
+                                "single folder name without / or \\ and other than . or .., e.g. jumprelu-16k (got 'a/b')"),
+    ("dictionaries.0.name=..", "(got '..')"),
+    ("trainer.adam_betas=[0.9", "--set trainer.adam_betas: the value '[0.9' is not valid YAML (expected ',' or ']', "
+                                "but got '<stream end>' at line 1, column 5); write it as YAML, e.g. "
+                                "trainer.adam_betas=[0.9, 0.999]"),
+])
+def test_a_bad_override_is_refused_before_anything_is_written(store, tmp_path, override, message):
+    line = error_line(run("train", _train_cfg(store, tmp_path), "--out", tmp_path / "run", "--set", override))
+    assert message in line, line
+    assert not (tmp_path / "run").exists() and not (tmp_path / "b").exists()
+    if "YAML" in message:  # the advice: the value written as YAML
+        assert run("train", _train_cfg(store, tmp_path), "--out", tmp_path / "run",
+                   "--set", "trainer.adam_betas=[0.9, 0.999]").exit_code == 0
+
+
+def test_a_k_above_d_sae_is_refused_by_the_config(store, tmp_path):
+    line = error_line(run("train", _train_cfg(store, tmp_path), "--out", tmp_path / "run", "--set",
+                          "dictionaries.0.kind=topk", "--set", "dictionaries.0.sparsity_coeff=0",
+                          "--set", "dictionaries.0.k=100"))
+    assert "dictionary 'r': k 100 is more than its d_sae 32 latents; use a k of at most 32" in line, line
+
+
+@pytest.mark.parametrize("text,message", [
+    ("store: [\n", "is not valid YAML: expected the node content, but found '<stream end>' at line 2, column 1"),
+    ("store: x\n  trainer: 3\n", "is not valid YAML: mapping values are not allowed here at line 2, column 10"),
+    ("- 1\n- 2\n", "holds a YAML list, not a mapping of keys (store:, trainer:, dictionaries:)"),
+])
+def test_a_config_file_that_is_not_a_mapping_is_one_line(tmp_path, text, message):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(text)
+    line = error_line(run("train", cfg, "--out", tmp_path / "run"))
+    assert f"config file '{cfg}' {message}" in line, line
+    line = error_line(run("train", tmp_path, "--out", tmp_path / "run"))
+    assert f"config file '{tmp_path}' is a folder; pass a YAML file" in line, line
+
+
+@pytest.mark.parametrize("kind,change,message", [
+    ("topk", {"k": 0}, "k: Input should be greater than 0 (got 0)"),
+    ("topk", {"k": 100}, "k 100 is more than the dictionary's 8 latents (d_sae); use a k of at most 8"),
+    ("relu", {"d_sae": -8}, "d_sae: Input should be greater than 0 (got -8)"),
+    ("relu", {"d_in": None}, "missing key 'd_in'"),
+    ("relu", {"extra": 1}, "unknown key 'extra'"),
+])
+def test_a_dictionary_config_with_a_bad_value_is_one_line(store, tmp_path, kind, change, message):
+    extra = {"k": 2} if kind == "topk" else {}
+    folder = build({"kind": kind, "d_in": 16, "d_sae": 8, "hook": "x", **extra}).save(tmp_path / "sae")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    for key, value in change.items():
+        cfg.pop(key) if value is None else cfg.__setitem__(key, value)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    result = run("eval", "--no-lm", "--sae", folder, "--store", store)
+    line = error_line(result)
+    assert f"{folder / 'cfg.json'}: bad {kind} dictionary config: {message}" in line, line
+    assert "pydantic" not in result.output and "validation error" not in result.output
+
+
+@pytest.mark.parametrize("command", ["train", "eval --html", "export saelens"])
+def test_an_output_path_that_cannot_be_made_is_named(store, sae_dir, tmp_path, command):
+    bad = "/proc/scope-probe"
+    args = {"train": ["train", _train_cfg(store, tmp_path), "--out", bad],
+            "eval --html": ["eval", "--no-lm", "--sae", sae_dir, "--store", store, "--html", f"{bad}/f.html"],
+            "export saelens": ["export", "saelens", sae_dir, bad]}[command]
+    line = error_line(run(*args))
+    assert f"cannot create or open '{bad}'" in line and "pass a path in a folder that exists" in line, line

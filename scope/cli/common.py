@@ -19,6 +19,9 @@ SaeModelOpt = Annotated[Optional[str], typer.Option("--model", help="Model (defa
                                                                     "else gemma-3-270m).")]
 
 
+_PATH_ERRORS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
+
+
 def friendly(fn):
     """Print a ScopeError as one clear line (no traceback) and exit with status 2.
 
@@ -37,10 +40,16 @@ def friendly(fn):
             typer.echo("interrupted: nothing written so far is lost; re-run the same command to resume", err=True)
             raise typer.Exit(130) from None
         except OSError as err:
-            if err.errno != errno.ENOSPC:
+            if err.errno == errno.ENOSPC:
+                typer.echo(f"error: no space left on the device while writing {err.filename or 'output'}; free "
+                           "some space (or choose another --out) and re-run the same command to resume", err=True)
+                raise typer.Exit(2) from None
+            # Inputs are checked by name where they are read; what reaches here is most often an output path
+            # the user gave that cannot be made (under /proc, a file in the way, no permission).
+            if err.filename is None or err.errno not in _PATH_ERRORS:
                 raise
-            typer.echo(f"error: no space left on the device while writing {err.filename or 'output'}; free some "
-                       "space (or choose another --out) and re-run the same command to resume", err=True)
+            typer.echo(f"error: cannot create or open {str(err.filename)!r}: {err.strerror}; pass a path in a "
+                       "folder that exists and that you can write to", err=True)
             raise typer.Exit(2) from None
 
     return wrapper

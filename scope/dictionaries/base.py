@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -37,8 +37,8 @@ class DictionaryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: str
-    d_in: int
-    d_sae: int
+    d_in: int = Field(gt=0)
+    d_sae: int = Field(gt=0)
     apply_b_dec_to_input: bool = False
     hook: str | None = None
     model: str | None = None
@@ -243,8 +243,25 @@ def build(cfg: DictionaryConfig | dict) -> Dictionary:
     cls = REGISTRY[kind]
     try:
         return cls(cls.Config.model_validate(data))
+    except ValidationError as err:  # pydantic's own text spans lines and ends in a link; one clause per error
+        raise ScopeError(f"bad {kind} dictionary config: {_explain(err)}") from None
     except ValueError as err:
         raise ScopeError(f"bad {kind} dictionary config: {err}") from err
+
+
+def _explain(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where, msg = ".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")
+        if not where:  # a check across fields: its message names them
+            parts.append(msg)
+        elif e["type"] == "missing":
+            parts.append(f"missing key {where!r}")
+        elif e["type"] == "extra_forbidden":
+            parts.append(f"unknown key {where!r}")
+        else:
+            parts.append(f"{where}: {msg} (got {e.get('input')!r})")
+    return "; ".join(parts)
 
 
 def load(folder: str | Path, device: str | torch.device | None = None) -> Dictionary:
