@@ -422,3 +422,66 @@ def test_an_output_path_that_cannot_be_made_is_named(store, sae_dir, tmp_path, c
             "export saelens": ["export", "saelens", sae_dir, bad]}[command]
     line = error_line(run(*args))
     assert f"cannot create or open '{bad}'" in line and "pass a path in a folder that exists" in line, line
+
+
+# --- store side tables ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage,message", [
+    ("missing", "documents.jsonl is missing, so the store's documents and labels are unknown"),
+    ('{"doc_id": 0}', "line 1 of {docs} is not a document record {{\"doc_id\": ..., \"label\": ..., \"rows\": ...}}: "
+                      "missing key 'label'; missing key 'rows'"),
+    ('{"doc_id": "first", "label": null, "rows": 3}', "doc_id: Input should be a valid integer"),
+])
+def test_a_damaged_document_table_is_named(store, sae_dir, damage, message):
+    docs = store / "documents.jsonl"
+    if damage == "missing":
+        docs.unlink()
+    else:
+        docs.write_text(damage + "\n")
+    for args in (["store", "info", store], ["eval", "--no-lm", "--sae", sae_dir, "--store", store]):
+        line = error_line(run(*args))
+        assert message.format(docs=docs) in line, line
+        assert "raise --held-out" not in line
+
+
+def test_a_manifest_with_a_bad_field_names_the_field(store):
+    manifest = json.loads((store / "manifest.json").read_text())
+    del manifest["config"]["hooks"]
+    manifest["shards"][0]["rows"] = "many"
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    line = error_line(run("store", "info", store))
+    assert (f"{store / 'manifest.json'} is not a valid scope store manifest: missing key 'config.hooks'; "
+            "shards.0.rows: Input should be a valid integer, unable to parse string as an integer (got 'many')") in line
+
+
+# --- steering run folders ------------------------------------------------------------------------------
+@pytest.fixture
+def steer_run(tmp_path) -> Path:
+    from scope.steering import SteerConfig
+    from scope.steering.vector import SteeringVector
+
+    folder = SteeringVector(w=torch.ones(16), b=0.0, hook="blocks.1.hook_resid_post", model="tiny", concept="tiny",
+                            method="reps", scale=1.0).save(tmp_path / "steer")
+    (folder / "steer_config.json").write_text(SteerConfig(model="tiny", concept="tiny", layer=1).model_dump_json())
+    return folder
+
+
+@pytest.mark.parametrize("file,content,message", [
+    ("steer_config.json", "{", "steer_config.json is not valid JSON"),
+    ("steer_config.json", '{"model": 3}', "steer_config.json is not a readable steering config (model: Input should "
+                                          "be a valid string (got 3); missing key 'concept')"),
+    ("vector.json", "[]", "vector.json is not a steering vector's description (it needs the keys hook, model, "
+                          "concept, method, scale)"),
+    ("vector.safetensors", None, "vector.safetensors is not a readable safetensors file"),
+])
+def test_a_damaged_steering_run_is_named(steer_run, file, content, message):
+    path = steer_run / file
+    path.write_text(content) if content is not None else path.write_bytes(path.read_bytes()[:40])
+    line = error_line(run("steer", "generate", steer_run, "--prompt", "hi"))
+    assert f"{steer_run}/{message}" in line, line
+    assert "make the run again into a new folder" in line or "make the vector again into a new folder" in line
+
+
+def test_steering_factors_that_are_not_finite_are_refused_before_the_model_loads(steer_run, monkeypatch):
+    monkeypatch.setattr(scope.models, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    line = error_line(run("steer", "eval", steer_run, "--alphas", "0,nan"))
+    assert "--alphas must be finite numbers, got '0,nan'" in line, line

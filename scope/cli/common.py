@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import math
 from typing import Annotated, Optional
 
 import typer
@@ -63,6 +64,9 @@ def emit(result: dict, as_json: bool, human: str) -> None:
 def floats(text: str, name: str) -> list[float]:
     """The numbers of a comma-separated option; a ScopeError naming the option ``name`` otherwise."""
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ScopeError(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):  # float() reads "nan" and "inf" without complaint
+        raise ScopeError(f"{name} must be finite numbers, got {text!r}")
+    return values

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from scope.dictionaries.whitening import Whitening, WhiteningSpec
-from scope.errors import ScopeError
+from scope.errors import ScopeError, validation_summary
 from scope.files import read_json, read_safetensors
 
 # Decoder rows per chunk of remove_parallel_decoder_grad on a CPU (128 rows of 640: 320 KiB, well inside L2).
@@ -243,25 +243,11 @@ def build(cfg: DictionaryConfig | dict) -> Dictionary:
     cls = REGISTRY[kind]
     try:
         return cls(cls.Config.model_validate(data))
-    except ValidationError as err:  # pydantic's own text spans lines and ends in a link; one clause per error
-        raise ScopeError(f"bad {kind} dictionary config: {_explain(err)}") from None
+    except ValidationError as err:
+        raise ScopeError(f"bad {kind} dictionary config: {validation_summary(err)}") from None
     except ValueError as err:
         raise ScopeError(f"bad {kind} dictionary config: {err}") from err
 
-
-def _explain(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        where, msg = ".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")
-        if not where:  # a check across fields: its message names them
-            parts.append(msg)
-        elif e["type"] == "missing":
-            parts.append(f"missing key {where!r}")
-        elif e["type"] == "extra_forbidden":
-            parts.append(f"unknown key {where!r}")
-        else:
-            parts.append(f"{where}: {msg} (got {e.get('input')!r})")
-    return "; ".join(parts)
 
 
 def load(folder: str | Path, device: str | torch.device | None = None) -> Dictionary:
