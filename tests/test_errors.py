@@ -485,3 +485,28 @@ def test_steering_factors_that_are_not_finite_are_refused_before_the_model_loads
     monkeypatch.setattr(scope.models, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
     line = error_line(run("steer", "eval", steer_run, "--alphas", "0,nan"))
     assert "--alphas must be finite numbers, got '0,nan'" in line, line
+
+
+# --- interop and analysis flags ------------------------------------------------------------------------
+def test_pull_of_a_local_path_says_it_needs_no_pull(store, sae_dir, tmp_path):
+    line = error_line(run("pull", store))
+    assert f"'{store}' is not a scope or SAELens dictionary folder (needs cfg.json with weights.safetensors" in line
+    line = error_line(run("pull", sae_dir))
+    assert f"'{sae_dir}' is a local path, not a hub repo id (OWNER/NAME); a local dictionary folder needs no pull" in line
+    assert "Hugging Face hub" not in line
+    assert run("eval", "--no-lm", "--sae", sae_dir, "--store", store).exit_code == 0  # the advice: pass it itself
+
+
+@pytest.mark.parametrize("content", [os.urandom(300), b""])
+def test_a_params_npz_that_is_not_a_zip_of_arrays_is_named(tmp_path, content):
+    bad = tmp_path / "params.npz"
+    bad.write_bytes(content)
+    line = error_line(run("import", "gemma-scope", bad, "--out", tmp_path / "out"))
+    assert f"'{bad}' is not a readable .npz file (a zip archive of arrays)" in line and "allow_pickle" not in line
+
+
+@pytest.mark.parametrize("command", ["rope", "class-embedding"])
+def test_layers_that_are_not_whole_numbers_are_refused(tmp_path, monkeypatch, command):
+    monkeypatch.setattr(scope.models, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    line = error_line(run("analyze", command, "--out", tmp_path / "a", "--corpus", "wiki", "--layers", "1.5"))
+    assert "--layers must be comma-separated whole numbers, got '1.5'" in line, line

@@ -70,3 +70,11 @@ def floats(text: str, name: str) -> list[float]:
     if not all(math.isfinite(v) for v in values):  # float() reads "nan" and "inf" without complaint
         raise ScopeError(f"{name} must be finite numbers, got {text!r}")
     return values
+
+
+def ints(text: str, name: str) -> list[int]:
+    """The whole numbers of a comma-separated option (layers): 1.5 is refused, not read as 1."""
+    values = floats(text, name)
+    if any(v != int(v) for v in values):
+        raise ScopeError(f"{name} must be comma-separated whole numbers, got {text!r}")
+    return [int(v) for v in values]
