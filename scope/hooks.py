@@ -17,9 +17,16 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _PAIRWISE = ("hook_pattern", "hook_attn_scores")
 
 
-def hook_names(model: LoadedModel) -> list[str]:
-    """Every hook point of the model, in forward order within each block."""
-    return list(model.bridge.hook_dict.keys())
+def hook_names(model: LoadedModel, contains: str = "") -> list[str]:
+    """Every hook point of the model whose name contains ``contains``, in forward order within each block."""
+    names = [n for n in model.bridge.hook_dict if contains in n]
+    if not names:  # a typo in the filter would otherwise list nothing and look like success
+        parts = {p for n in model.bridge.hook_dict for p in n.split(".") if not p.isdigit()}
+        close = difflib.get_close_matches(contains, sorted(parts), n=4, cutoff=0.6)
+        hint = f"; closest name parts: {', '.join(close)}" if close else ""
+        raise ScopeError(f"no hook point of {model.spec} contains {contains!r}{hint}; drop --contains to list all "
+                         f"{len(model.bridge.hook_dict)}")
+    return names
 
 
 def block_of(name: str) -> int | None:

@@ -88,10 +88,26 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
-    """The requested device, else CUDA when present, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The requested device, else CUDA when present, else the CPU.
+
+    A device this machine lacks is refused here: torch would accept the name and fail only at the first
+    tensor moved there, with an assertion about how it was compiled."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    have = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        have.append("mps")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ScopeError(f"device {str(device)!r} is not a device name; this machine has {', '.join(have)}") from None
+    if dev.type == "cpu":
+        return dev
+    usable = {"cuda": torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count(),
+              "mps": torch.backends.mps.is_available()}.get(dev.type, False)
+    if not usable:
+        raise ScopeError(f"device {str(device)!r} is not on this machine, which has {', '.join(have)}")
+    return dev
 
 
 def read_facts(config: Any, model_id: str, revision: str | None = None) -> ModelFacts:

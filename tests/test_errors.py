@@ -337,3 +337,176 @@ def test_a_second_capture_into_the_same_folder_is_refused_and_names_the_holder(r
     result = real_cli("cache", "--out", out, "--tokens", "50", "--corpus", "wiki", "--context", "32")
     assert result.exit_code == 0, result.output
     assert ActivationStore(str(out)).info()["rows"] == 50
+
+
+# --- values a new user mistypes: devices, overrides, configs, output paths --------------------------
+@pytest.mark.parametrize("device,message", [
+    ("cudax", "device 'cudax' is not a device name; this machine has cpu"),
+    ("cuda:99", "device 'cuda:99' is not on this machine, which has cpu"),
+])
+def test_a_device_the_machine_lacks_is_named(store, sae_dir, tmp_path, device, message):
+    line = error_line(run("eval", "--no-lm", "--sae", sae_dir, "--store", store, "--device", device))
+    assert message in line, line
+    line = error_line(run("train", _train_cfg(store, tmp_path), "--out", tmp_path / "run",
+                          "--set", f"trainer.device={device}"))
+    assert f"trainer.device: {message}" in line, line
+    assert not (tmp_path / "run").exists()
+    assert run("eval", "--no-lm", "--sae", sae_dir, "--store", store, "--device", "cpu").exit_code == 0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.lr=inf", "trainer.lr: Input should be a finite number (got 'inf')"),
+    ("dictionaries.0.sparsity_coeff=.inf", "dictionaries.0.sparsity_coeff: Input should be a finite number"),
+    ("dictionaries.0.name=a/b", "dictionaries.0.name: a dictionary name is its folder under --out, so it needs a "
+                                "single folder name without / or \\ and other than . or .., e.g. jumprelu-16k (got 'a/b')"),
+    ("dictionaries.0.name=..", "(got '..')"),
+    ("trainer.adam_betas=[0.9", "--set trainer.adam_betas: the value '[0.9' is not valid YAML (expected ',' or ']', "
+                                "but got '<stream end>' at line 1, column 5); write it as YAML, e.g. "
+                                "trainer.adam_betas=[0.9, 0.999]"),
+])
+def test_a_bad_override_is_refused_before_anything_is_written(store, tmp_path, override, message):
+    line = error_line(run("train", _train_cfg(store, tmp_path), "--out", tmp_path / "run", "--set", override))
+    assert message in line, line
+    assert not (tmp_path / "run").exists() and not (tmp_path / "b").exists()
+    if "YAML" in message:  # the advice: the value written as YAML
+        assert run("train", _train_cfg(store, tmp_path), "--out", tmp_path / "run",
+                   "--set", "trainer.adam_betas=[0.9, 0.999]").exit_code == 0
+
+
+def test_a_k_above_d_sae_is_refused_by_the_config(store, tmp_path):
+    line = error_line(run("train", _train_cfg(store, tmp_path), "--out", tmp_path / "run", "--set",
+                          "dictionaries.0.kind=topk", "--set", "dictionaries.0.sparsity_coeff=0",
+                          "--set", "dictionaries.0.k=100"))
+    assert "dictionary 'r': k 100 is more than its d_sae 32 latents; use a k of at most 32" in line, line
+
+
+@pytest.mark.parametrize("text,message", [
+    ("store: [\n", "is not valid YAML: expected the node content, but found '<stream end>' at line 2, column 1"),
+    ("store: x\n  trainer: 3\n", "is not valid YAML: mapping values are not allowed here at line 2, column 10"),
+    ("- 1\n- 2\n", "holds a YAML list, not a mapping of keys (store:, trainer:, dictionaries:)"),
+])
+def test_a_config_file_that_is_not_a_mapping_is_one_line(tmp_path, text, message):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(text)
+    line = error_line(run("train", cfg, "--out", tmp_path / "run"))
+    assert f"config file '{cfg}' {message}" in line, line
+    line = error_line(run("train", tmp_path, "--out", tmp_path / "run"))
+    assert f"config file '{tmp_path}' is a folder; pass a YAML file" in line, line
+
+
+@pytest.mark.parametrize("kind,change,message", [
+    ("topk", {"k": 0}, "k: Input should be greater than 0 (got 0)"),
+    ("topk", {"k": 100}, "k 100 is more than the dictionary's 8 latents (d_sae); use a k of at most 8"),
+    ("relu", {"d_sae": -8}, "d_sae: Input should be greater than 0 (got -8)"),
+    ("relu", {"d_in": None}, "missing key 'd_in'"),
+    ("relu", {"extra": 1}, "unknown key 'extra'"),
+])
+def test_a_dictionary_config_with_a_bad_value_is_one_line(store, tmp_path, kind, change, message):
+    extra = {"k": 2} if kind == "topk" else {}
+    folder = build({"kind": kind, "d_in": 16, "d_sae": 8, "hook": "x", **extra}).save(tmp_path / "sae")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    for key, value in change.items():
+        cfg.pop(key) if value is None else cfg.__setitem__(key, value)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    result = run("eval", "--no-lm", "--sae", folder, "--store", store)
+    line = error_line(result)
+    assert f"{folder / 'cfg.json'}: bad {kind} dictionary config: {message}" in line, line
+    assert "pydantic" not in result.output and "validation error" not in result.output
+
+
+@pytest.mark.parametrize("command", ["train", "eval --html", "export saelens"])
+def test_an_output_path_that_cannot_be_made_is_named(store, sae_dir, tmp_path, command):
+    bad = "/proc/scope-probe"
+    args = {"train": ["train", _train_cfg(store, tmp_path), "--out", bad],
+            "eval --html": ["eval", "--no-lm", "--sae", sae_dir, "--store", store, "--html", f"{bad}/f.html"],
+            "export saelens": ["export", "saelens", sae_dir, bad]}[command]
+    line = error_line(run(*args))
+    assert f"cannot create or open '{bad}'" in line and "pass a path in a folder that exists" in line, line
+
+
+# --- store side tables ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage,message", [
+    ("missing", "documents.jsonl is missing, so the store's documents and labels are unknown"),
+    ('{"doc_id": 0}', "line 1 of {docs} is not a document record {{\"doc_id\": ..., \"label\": ..., \"rows\": ...}}: "
+                      "missing key 'label'; missing key 'rows'"),
+    ('{"doc_id": "first", "label": null, "rows": 3}', "doc_id: Input should be a valid integer"),
+])
+def test_a_damaged_document_table_is_named(store, sae_dir, damage, message):
+    docs = store / "documents.jsonl"
+    if damage == "missing":
+        docs.unlink()
+    else:
+        docs.write_text(damage + "\n")
+    for args in (["store", "info", store], ["eval", "--no-lm", "--sae", sae_dir, "--store", store]):
+        line = error_line(run(*args))
+        assert message.format(docs=docs) in line, line
+        assert "raise --held-out" not in line
+
+
+def test_a_manifest_with_a_bad_field_names_the_field(store):
+    manifest = json.loads((store / "manifest.json").read_text())
+    del manifest["config"]["hooks"]
+    manifest["shards"][0]["rows"] = "many"
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    line = error_line(run("store", "info", store))
+    assert (f"{store / 'manifest.json'} is not a valid scope store manifest: missing key 'config.hooks'; "
+            "shards.0.rows: Input should be a valid integer, unable to parse string as an integer (got 'many')") in line
+
+
+# --- steering run folders ------------------------------------------------------------------------------
+@pytest.fixture
+def steer_run(tmp_path) -> Path:
+    from scope.steering import SteerConfig
+    from scope.steering.vector import SteeringVector
+
+    folder = SteeringVector(w=torch.ones(16), b=0.0, hook="blocks.1.hook_resid_post", model="tiny", concept="tiny",
+                            method="reps", scale=1.0).save(tmp_path / "steer")
+    (folder / "steer_config.json").write_text(SteerConfig(model="tiny", concept="tiny", layer=1).model_dump_json())
+    return folder
+
+
+@pytest.mark.parametrize("file,content,message", [
+    ("steer_config.json", "{", "steer_config.json is not valid JSON"),
+    ("steer_config.json", '{"model": 3}', "steer_config.json is not a readable steering config (model: Input should "
+                                          "be a valid string (got 3); missing key 'concept')"),
+    ("vector.json", "[]", "vector.json is not a steering vector's description (it needs the keys hook, model, "
+                          "concept, method, scale)"),
+    ("vector.safetensors", None, "vector.safetensors is not a readable safetensors file"),
+])
+def test_a_damaged_steering_run_is_named(steer_run, file, content, message):
+    path = steer_run / file
+    path.write_text(content) if content is not None else path.write_bytes(path.read_bytes()[:40])
+    line = error_line(run("steer", "generate", steer_run, "--prompt", "hi"))
+    assert f"{steer_run}/{message}" in line, line
+    assert "make the run again into a new folder" in line or "make the vector again into a new folder" in line
+
+
+def test_steering_factors_that_are_not_finite_are_refused_before_the_model_loads(steer_run, monkeypatch):
+    monkeypatch.setattr(scope.models, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    line = error_line(run("steer", "eval", steer_run, "--alphas", "0,nan"))
+    assert "--alphas must be finite numbers, got '0,nan'" in line, line
+
+
+# --- interop and analysis flags ------------------------------------------------------------------------
+def test_pull_of_a_local_path_says_it_needs_no_pull(store, sae_dir, tmp_path):
+    line = error_line(run("pull", store))
+    assert f"'{store}' is not a scope or SAELens dictionary folder (needs cfg.json with weights.safetensors" in line
+    line = error_line(run("pull", sae_dir))
+    assert f"'{sae_dir}' is a local path, not a hub repo id (OWNER/NAME); a local dictionary folder needs no pull" in line
+    assert "Hugging Face hub" not in line
+    assert run("eval", "--no-lm", "--sae", sae_dir, "--store", store).exit_code == 0  # the advice: pass it itself
+
+
+@pytest.mark.parametrize("content", [os.urandom(300), b""])
+def test_a_params_npz_that_is_not_a_zip_of_arrays_is_named(tmp_path, content):
+    bad = tmp_path / "params.npz"
+    bad.write_bytes(content)
+    line = error_line(run("import", "gemma-scope", bad, "--out", tmp_path / "out"))
+    assert f"'{bad}' is not a readable .npz file (a zip archive of arrays)" in line and "allow_pickle" not in line
+
+
+@pytest.mark.parametrize("command", ["rope", "class-embedding"])
+def test_layers_that_are_not_whole_numbers_are_refused(tmp_path, monkeypatch, command):
+    monkeypatch.setattr(scope.models, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    line = error_line(run("analyze", command, "--out", tmp_path / "a", "--corpus", "wiki", "--layers", "1.5"))
+    assert "--layers must be comma-separated whole numbers, got '1.5'" in line, line

@@ -82,6 +82,11 @@ def test_bad_hook_name_lists_the_closest_valid_names(gemma):
     names = hook_names(gemma)
     assert "blocks.6.hook_resid_post" in names and "blocks.0.attn.hook_rot_k" in names
     assert hook_layer("blocks.12.attn.hook_q", 18) == 12 and hook_layer("hook_embed", 18) == -1
+    assert hook_names(gemma, "attn.hook_rot_k") == [f"blocks.{i}.attn.hook_rot_k" for i in range(18)]
+    # A filter that matches nothing is a typo, not an empty model: it names the part it meant.
+    with pytest.raises(ScopeError, match=r"no hook point of gemma-3-270m contains 'resid_pots'; closest name parts: "
+                                         r"hook_resid_post; drop --contains to list all"):
+        hook_names(gemma, "resid_pots")
 
 
 # --- text sources --------------------------------------------------------------------------------

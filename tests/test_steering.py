@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -128,6 +129,18 @@ def test_steering_checks_its_vector(tiny):
     with pytest.raises(ScopeError, match="NaN"):
         with steering(tiny, "blocks.1.hook_resid_post", torch.full((32,), float("nan")), 1.0):
             pass
+
+
+@pytest.mark.parametrize("temperature,alpha,message", [
+    (float("nan"), 1.0, "need a finite temperature >= 0 and top_k > 0, got nan"),
+    (float("inf"), 1.0, "need a finite temperature >= 0 and top_k > 0, got inf"),
+    (0.7, float("nan"), "steering factor α nan is not a finite number"),
+    (0.7, float("-inf"), "steering factor α -inf is not a finite number"),
+])
+def test_generation_refuses_a_temperature_or_factor_that_is_not_finite(tiny, temperature, alpha, message):
+    rows = RowSteer("blocks.1.hook_resid_post", torch.ones(32), 0.0, torch.tensor([alpha]), torch.tensor([False]))
+    with pytest.raises(ScopeError, match=re.escape(message)):
+        generate(tiny, ["a"], max_new_tokens=2, temperature=temperature, rows=rows)
 
 
 def test_cached_generation_matches_a_full_forward_and_steering_holds_through_it(tiny):

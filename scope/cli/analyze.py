@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from scope.cli.common import DeviceOpt, JsonOpt, ModelDtypeOpt, ModelOpt, emit, floats, friendly
+from scope.cli.common import DeviceOpt, JsonOpt, ModelDtypeOpt, ModelOpt, emit, floats, friendly, ints
 from scope.errors import ScopeError
 
 analyze_app = typer.Typer(help="Analyses of the model's internals: RoPE frequencies, class-embedding projections.",
@@ -39,7 +39,7 @@ def analyze_rope(
     if batch_size <= 0:
         raise ScopeError(f"--batch-size must be positive, got {batch_size}")
     ps = floats(p, "--p")
-    chosen = [int(x) for x in floats(layers, "--layers")] if layers else None
+    chosen = ints(layers, "--layers") if layers else None
     if (store is None) == (corpus is None):
         raise ScopeError("pass exactly one of --store DIR or --corpus NAME (wiki, bbc, tweets, a file or hf:NAME)")
     view = ActivationStore(store) if store else None
@@ -107,7 +107,7 @@ def analyze_class_embedding(
 
     if batch_size <= 0 or tokens < 2:
         raise ScopeError(f"need --batch-size > 0 and --tokens >= 2, got {batch_size} and {tokens}")
-    chosen = [int(x) for x in floats(layers, "--layers")] if layers else None
+    chosen = ints(layers, "--layers") if layers else None
     if store is None and corpus is None and labels is not None:
         corpus = labels
     if (store is None) == (corpus is None):

@@ -18,13 +18,10 @@ steer_app = typer.Typer(help="Steering vectors: RePS, DiffMean and the LM object
 def _open_run(folder: str, device: str | None):
     """(config, vector, model) of a run folder made by `scope steer train`."""
     from scope.models import load_model
-    from scope.steering.reps import CONFIG, SteerConfig
+    from scope.steering.reps import read_config
     from scope.steering.vector import load_vector
 
-    path = Path(folder) / CONFIG
-    if not path.is_file():
-        raise ScopeError(f"{folder!r} is not a steering run folder (no {CONFIG}); make one with `scope steer train`")
-    cfg = SteerConfig.model_validate_json(path.read_text())
+    cfg = read_config(folder)
     vec = load_vector(folder)
     return cfg, vec, load_model(cfg.model, dtype=cfg.dtype, device=device)
 
@@ -146,10 +143,11 @@ def steer_eval(
     from scope.steering.judge import Judge
     from scope.steering.pipeline import concept_data, scorer_for
 
+    factors = floats(alphas, "--alphas")  # before the model loads and the probe is fitted
     cfg, vec, lm = _open_run(folder, device)
     data = concept_data(lm, cfg, n_classifier=classifier_texts)
     scorer = scorer_for(lm, data, Path(folder) / "scorer", probe_layer=probe_layer, seed=cfg.seed)
-    result = evaluate_vector(lm, vec, data, scorer, alphas=floats(alphas, "--alphas"), max_new_tokens=new_tokens,
+    result = evaluate_vector(lm, vec, data, scorer, alphas=factors, max_new_tokens=new_tokens,
                              temperature=temperature, seed=cfg.seed, batch_size=batch_size, suppression=suppression,
                              progress=not as_json, judge=Judge.from_env(judge_url, judge_model))
     out = {"folder": folder, **result.to_dict(), "probe": scorer.fit.__dict__, "calibration": scorer.cal.__dict__}

@@ -24,7 +24,7 @@ def hooks(model: ModelOpt = "gemma-3-270m", contains: Annotated[str, typer.Optio
     from scope.hooks import hook_names
     from scope.models import load_model
 
-    names = [n for n in hook_names(load_model(model)) if contains in n]
+    names = hook_names(load_model(model), contains)
     emit({"model": model, "hooks": names}, as_json, "\n".join(names))
 
 

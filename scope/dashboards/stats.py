@@ -43,6 +43,7 @@ from scope.dashboards.contexts import attach_tokens
 from scope.dashboards.results import DictionaryFiring, Example, FeatureStats, Interval
 from scope.dictionaries.base import Dictionary
 from scope.errors import ScopeError
+from scope.models import default_device
 from scope.store.reader import ActivationStore
 
 
@@ -313,7 +314,7 @@ def feature_stats(sae: Dictionary, store: ActivationStore, features: Sequence[in
     hook = dictionary_hook(sae, store, hook, force_hook)
     m = sae.cfg.d_sae
     chosen = parse_features(features, m)
-    dev = torch.device(device) if device is not None else next(sae.parameters()).device
+    dev = default_device(device) if device is not None else next(sae.parameters()).device
     sae = sae.to(dev).eval()
     feats = torch.tensor(chosen, device=dev)
     total = len(store) if cfg.max_rows is None else min(len(store), cfg.max_rows)

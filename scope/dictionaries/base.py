@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import save_file
 from torch import nn
 
 from scope.dictionaries.whitening import Whitening, WhiteningSpec
-from scope.errors import ScopeError
+from scope.errors import ScopeError, validation_summary
 from scope.files import read_json, read_safetensors
 
 # Decoder rows per chunk of remove_parallel_decoder_grad on a CPU (128 rows of 640: 320 KiB, well inside L2).
@@ -37,8 +37,8 @@ class DictionaryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: str
-    d_in: int
-    d_sae: int
+    d_in: int = Field(gt=0)
+    d_sae: int = Field(gt=0)
     apply_b_dec_to_input: bool = False
     hook: str | None = None
     model: str | None = None
@@ -243,8 +243,11 @@ def build(cfg: DictionaryConfig | dict) -> Dictionary:
     cls = REGISTRY[kind]
     try:
         return cls(cls.Config.model_validate(data))
+    except ValidationError as err:
+        raise ScopeError(f"bad {kind} dictionary config: {validation_summary(err)}") from None
     except ValueError as err:
         raise ScopeError(f"bad {kind} dictionary config: {err}") from err
+
 
 
 def load(folder: str | Path, device: str | torch.device | None = None) -> Dictionary:

@@ -18,7 +18,7 @@ from statistics import NormalDist
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from scope.dictionaries.auxk import Gather, aux_loss
 from scope.dictionaries.base import Dictionary, DictionaryConfig, build
@@ -29,7 +29,7 @@ from scope.dictionaries.sparse import GatheredPre, pairs
 
 class TopKConfig(DictionaryConfig):
     kind: Literal["topk"] = "topk"
-    k: int
+    k: int = Field(gt=0)
     selection: Literal["exact", "batch", "statistical"] = "exact"
     apply_b_dec_to_input: bool = True
     aux_k: int | None = None  # default: d_in // 2, as in Gao et al.
@@ -43,6 +43,9 @@ class TopKConfig(DictionaryConfig):
 
     @model_validator(mode="after")
     def _cap_at_least_k(self) -> "TopKConfig":
+        if self.k > self.d_sae:  # torch's topk would fail at the first batch, naming no config
+            raise ValueError(f"k {self.k} is more than the dictionary's {self.d_sae} latents (d_sae); use a k of at "
+                             f"most {self.d_sae}")
         if self.row_cap is not None and self.selection != "batch":
             raise ValueError(f"row_cap {self.row_cap} caps a BatchTopK selection; set selection 'batch' (this one is "
                              f"{self.selection!r}) or remove row_cap")

@@ -8,6 +8,7 @@ random numbers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -46,8 +47,11 @@ def generate(model: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 3
     """
     if max_new_tokens <= 0 or batch_size <= 0:
         raise ScopeError(f"max_new_tokens and batch_size must be positive, got {max_new_tokens} and {batch_size}")
-    if temperature < 0 or top_k <= 0:
-        raise ScopeError(f"need temperature >= 0 and top_k > 0, got {temperature} and {top_k}")
+    if not 0 <= temperature < math.inf or top_k <= 0:  # written so that NaN fails too
+        raise ScopeError(f"need a finite temperature >= 0 and top_k > 0, got {temperature} and {top_k}")
+    if rows is not None and not torch.isfinite(rows.alpha).all():  # sampling would fail deep inside transformers
+        bad = rows.alpha[~torch.isfinite(rows.alpha)][0].item()
+        raise ScopeError(f"steering factor α {bad} is not a finite number; use a finite one such as 1")
     if not prompts:
         raise ScopeError("no prompts to generate from")
     if rows is not None and not len(rows.alpha) == len(rows.null) == len(prompts):

@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from scope.errors import ScopeError
+from scope.errors import ScopeError, validation_summary
+from scope.files import read_json
 from scope.models import LoadedModel, frozen_weights
 from scope.steering.concepts import ConceptData, ConceptExample
 from scope.steering.interventions import resid_hook, row_interventions
@@ -209,6 +210,19 @@ def _load_checkpoint(out: Path, u: torch.Tensor, c: torch.Tensor, opt: torch.opt
     return int(json.loads((folder / "state.json").read_text())["step"])
 
 
+def read_config(folder: str | Path, advice: str = "make the run again into a new folder with `scope steer train`"
+                ) -> SteerConfig:
+    """The config of a steering run folder, or a ScopeError naming its file and what is wrong with it."""
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise ScopeError(f"{str(folder)!r} is not a steering run folder (no {CONFIG}); make one with `scope steer train`")
+    data = read_json(path, advice)
+    try:
+        return SteerConfig.model_validate(data)
+    except ValidationError as err:
+        raise ScopeError(f"{path} is not a readable steering config ({validation_summary(err)}); {advice}") from None
+
+
 def claim_run(out: str | Path, cfg: SteerConfig) -> Path:
     """Create the run folder with ``steer_config.json``, or check that it holds the same config."""
     out = Path(out)
@@ -216,10 +230,7 @@ def claim_run(out: str | Path, cfg: SteerConfig) -> Path:
     path = out / CONFIG
     if path.exists():
         # Compared as configs, so a folder written before a field existed takes that field's default.
-        try:
-            old = SteerConfig.model_validate_json(path.read_text()).model_dump()
-        except ValueError as err:
-            raise ScopeError(f"{str(path)!r} is not a readable steering config ({err}); choose another --out") from None
+        old = read_config(out, "choose another --out").model_dump()
         if old != cfg.model_dump():
             diff = sorted(k for k in set(old) | set(cfg.model_dump()) if old.get(k) != cfg.model_dump().get(k))
             raise ScopeError(f"{str(out)!r} holds a steering run with a different config (differs in {diff}); "

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from scope.errors import ScopeError
+from scope.files import read_json, read_safetensors
 from scope.store.fs import StoreFS
 
 WEIGHTS = "vector.safetensors"
@@ -86,7 +87,14 @@ def load_vector(folder: str | Path, device: str | torch.device | None = None) ->
     folder = Path(folder)
     if not (folder / META).is_file() or not (folder / WEIGHTS).is_file():
         raise ScopeError(f"{str(folder)!r} holds no steering vector ({META} + {WEIGHTS}); make one with `scope steer train`")
-    meta = json.loads((folder / META).read_text())
-    t = load_file(str(folder / WEIGHTS), device=str(device or "cpu"))
-    keep = {k: meta[k] for k in ("hook", "model", "concept", "method", "scale", "factors", "info") if k in meta}
+    remake = "make the vector again into a new folder (`scope steer train` or `scope steer from-feature`)"
+    meta = read_json(folder / META, remake)
+    needed = ("hook", "model", "concept", "method", "scale")
+    if not isinstance(meta, dict) or any(k not in meta for k in needed):
+        raise ScopeError(f"{folder / META} is not a steering vector's description (it needs the keys "
+                         f"{', '.join(needed)}); {remake}")
+    t = read_safetensors(folder / WEIGHTS, remake, device=str(device or "cpu"))
+    if set(t) != {"w", "b"}:
+        raise ScopeError(f"{folder / WEIGHTS} holds tensors {sorted(t)}, not a steering vector's w and b; {remake}")
+    keep = {k: meta[k] for k in (*needed, "factors", "info") if k in meta}
     return SteeringVector(w=t["w"], b=float(t["b"][0]), **keep)

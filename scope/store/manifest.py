@@ -6,9 +6,9 @@ import json
 import shlex
 from math import prod
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from scope.errors import ScopeError, first_line
+from scope.errors import ScopeError, validation_summary
 from scope.files import parse_json
 from scope.store.fs import StoreFS
 
@@ -91,8 +91,8 @@ def read_manifest(fs: StoreFS) -> Manifest | None:
     data = parse_json(fs.read_bytes(MANIFEST), fs.url(MANIFEST), "it is not a scope store manifest")
     try:
         return Manifest.model_validate(data)
-    except ValueError as err:
-        raise ScopeError(f"{fs.url(MANIFEST)} is not a valid scope store manifest: {first_line(err)}") from err
+    except ValidationError as err:
+        raise ScopeError(f"{fs.url(MANIFEST)} is not a valid scope store manifest: {validation_summary(err)}") from None
 
 
 def cache_command(manifest: Manifest, url: str) -> str | None:
@@ -143,11 +143,25 @@ def write_documents(fs: StoreFS, docs: dict[int, tuple[str | None, int]]) -> Non
 
 
 def read_documents(fs: StoreFS) -> dict[int, tuple[str | None, int]]:
+    # Every capture and import writes the table before the manifest that marks the store complete, so a store
+    # without one lost it; read as empty, its held-out split would be empty and the advice to capture more wrong.
     if not fs.exists(DOCUMENTS):
-        return {}
+        raise ScopeError(f"{fs.url(DOCUMENTS)} is missing, so the store's documents and labels are unknown; copy "
+                         "the whole store folder again, or capture the store again into a new folder")
     out = {}
-    for line in fs.read_bytes(DOCUMENTS).splitlines():
+    for i, line in enumerate(fs.read_bytes(DOCUMENTS).splitlines(), 1):
         if line.strip():
             rec = parse_json(line, fs.url(DOCUMENTS), "it is not a scope store's document table")
-            out[rec["doc_id"]] = (rec["label"], rec["rows"])
+            try:
+                doc = _DocumentRecord.model_validate(rec)
+            except ValidationError as err:
+                raise ScopeError(f"line {i} of {fs.url(DOCUMENTS)} is not a document record "
+                                 f'{{"doc_id": ..., "label": ..., "rows": ...}}: {validation_summary(err)}') from None
+            out[doc.doc_id] = (doc.label, doc.rows)
     return out
+
+
+class _DocumentRecord(BaseModel):
+    doc_id: int
+    label: str | None
+    rows: int

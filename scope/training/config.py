@@ -11,15 +11,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from scope.dictionaries.matryoshka import prefix_ends
 from scope.dictionaries.whitening import WhiteningSpec
-from scope.errors import ScopeError
+from scope.errors import ScopeError, first_line
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf passes every gt/ge bound, and an infinite lr or λ trains to NaN weights that are saved without a word.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # Adam's decay rates: torch refuses anything outside [0, 1) only once the optimizer is built, mid-run.
@@ -86,6 +87,16 @@ class DictSpec(_Strict):
         False, description="a latent that gets no gradient in a step keeps its Adam second moment (needs β1 = 0; "
                            "scope/training/lazy_adam.py): a rarely firing latent moves ~lr when it fires, not lr/√p")
     apply_b_dec_to_input: bool | None = Field(None, description="subtract b_dec before encoding (default: per kind)")
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, name: str | None) -> str | None:
+        # The name is the dictionary's folder under --out and the prefix of its metrics ("NAME/l0"): a slash
+        # would nest it and hide its metrics, and "." or ".." would write it beside or above the run.
+        if name is not None and (name in (".", "..") or "/" in name or "\\" in name):
+            raise ValueError("a dictionary name is its folder under --out, so it needs a single folder name "
+                             "without / or \\ and other than . or .., e.g. jumprelu-16k")
+        return name
 
     def revives(self) -> bool:
         """Whether this JumpReLU's loss needs the trainer's dead mask (pre-activation or AuxK loss)."""
@@ -176,6 +187,9 @@ class TrainConfig(_Strict):
             if d.family() == "topk" and d.k is None:
                 raise ScopeError(f"dictionary {d.label()!r} is {d.activation if d.kind == 'transcoder' else 'topk'} "
                                  "but sets no `k`")
+            if d.k is not None and d.k > d.d_sae:
+                raise ScopeError(f"dictionary {d.label()!r}: k {d.k} is more than its d_sae {d.d_sae} latents; use a "
+                                 f"k of at most {d.d_sae}")
             if d.family() in ("jumprelu", "relu") and d.sparsity_coeff == 0:
                 raise ScopeError(f"dictionary {d.label()!r} ({d.kind}) needs a positive `sparsity_coeff` (λ)")
             _check_fields_apply(d)  # after what is missing, before the checks of values that it makes moot
@@ -291,8 +305,15 @@ def _explain(err: ValidationError, source: str) -> ScopeError:
         elif e["type"] == "missing":
             lines.append(f"missing key {where!r}")
         else:
-            lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
     return ScopeError(f"invalid training config {source}: " + "; ".join(lines))
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: what is wrong and where (PyYAML's own message spans several lines)."""
+    problem = getattr(err, "problem", None) or first_line(err)
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -313,7 +334,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                     raise ScopeError(f"--set {key}: {'.'.join(parts[: i + 1])!r} does not exist in the config")
             node = nxt
         last = parts[-1]
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ScopeError(f"--set {key}: the value {raw!r} is not valid YAML ({_yaml_problem(err)}); write it "
+                             "as YAML, e.g. trainer.adam_betas=[0.9, 0.999]") from None
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
                 raise ScopeError(f"--set {key}: index {last!r} is out of range (the list has {len(node)} items)")
@@ -327,12 +352,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), data:
     """Read a YAML config (or a dict), apply ``--set`` overrides, validate."""
     if data is None:
         p = Path(path)
+        if p.is_dir():
+            raise ScopeError(f"config file {str(p)!r} is a folder; pass a YAML file, e.g. one in sae_configs/")
         if not p.is_file():
             raise ScopeError(f"config file {str(p)!r} does not exist; the shipped ones are in sae_configs/")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ScopeError(f"config file {str(p)!r} is not valid YAML: {err}") from err
+            raise ScopeError(f"config file {str(p)!r} is not valid YAML: {_yaml_problem(err)}") from None
+        if not isinstance(data, dict):
+            raise ScopeError(f"config file {str(p)!r} holds a YAML {type(data).__name__}, not a mapping of keys "
+                             "(store:, trainer:, dictionaries:); see the ones in sae_configs/")
     data = apply_overrides(data, list(overrides))
     try:
         return TrainConfig.model_validate(data).check()

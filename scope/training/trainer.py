@@ -29,6 +29,7 @@ from scope.dictionaries import Dictionary, build
 from scope.dictionaries.whitening import Whitening, WhiteningSpec, fit_whitening
 from scope.errors import ScopeError, first_line
 from scope.files import read_json, read_safetensors
+from scope.models import default_device
 from scope.store import ActivationStore
 from scope.store.fs import replace_folder
 from scope.training.config import DictSpec, TrainConfig, load_config
@@ -209,7 +210,10 @@ def _dist() -> tuple[int, int]:
 
 def _device(cfg: TrainConfig) -> torch.device:
     if cfg.trainer.device:
-        return torch.device(cfg.trainer.device)
+        try:
+            return default_device(cfg.trainer.device)
+        except ScopeError as err:
+            raise ScopeError(f"trainer.device: {err}") from None
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

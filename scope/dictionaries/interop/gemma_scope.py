@@ -25,17 +25,18 @@ from __future__ import annotations
 import json
 import math
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from scope.dictionaries.interop.hub import hub_errors, short_error
 from scope.dictionaries.interop.tensors import SAE_KEYS, assemble, relu_threshold, scope_names
 from scope.dictionaries.base import Dictionary
 from scope.errors import ScopeError
+from scope.files import read_safetensors
 
 GEMMA_SCOPE_NPZ = "params.npz"
 GEMMA_SCOPE_2_WEIGHTS = "params.safetensors"
@@ -158,10 +159,14 @@ def _download(repo_id: str, filename: str, revision: str | None, optional: bool 
 def _read_gemma_scope(path: Path) -> dict[str, torch.Tensor]:
     """The five JumpReLU tensors of a params.npz / params.safetensors, renamed to scope's W_enc/W_dec."""
     if path.suffix == ".npz":
-        with np.load(path) as data:  # allow_pickle stays False: arrays only
-            raw = {k: torch.from_numpy(np.asarray(data[k], dtype=np.float32)) for k in data.files}
+        try:
+            with np.load(path) as data:  # allow_pickle stays False: arrays only
+                raw = {k: torch.from_numpy(np.asarray(data[k], dtype=np.float32)) for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # numpy takes a non-zip file for a pickle
+            raise ScopeError(f"{str(path)!r} is not a readable .npz file (a zip archive of arrays); it is truncated "
+                             "or not a Gemma Scope params.npz; download it again") from None
     else:
-        raw = load_file(str(path))
+        raw = read_safetensors(path, "download params.safetensors again")
     sd = {("W_skip" if k == "affine_skip_connection" else k): v.float() for k, v in scope_names(raw).items()}
     expected = (*SAE_KEYS, "threshold")
     if sorted(k for k in sd if k != "W_skip") != sorted(expected):

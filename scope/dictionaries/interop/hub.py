@@ -59,6 +59,13 @@ def pull_from_hub(repo_id: str, path_in_repo: str | None = None, revision: str |
     from huggingface_hub import snapshot_download
 
     sub = (path_in_repo or "").strip("/")
+    local = Path(repo_id) / sub
+    if local.exists() or repo_id.startswith(("/", "./", "../", "~")):
+        # The hub's own error ("Repo id must be in the form ...") would not say that a local folder needs no pull.
+        if local.is_dir():
+            _dictionary_files(local)  # a folder in another layout is named with what it lacks
+        raise ScopeError(f"{str(local)!r} is a local path, not a hub repo id (OWNER/NAME); a local dictionary "
+                         "folder needs no pull: pass the folder itself, e.g. to --sae")
     try:
         root = snapshot_download(repo_id, revision=revision, allow_patterns=[f"{sub}/*"] if sub else None,
                                  token=token, cache_dir=cache_dir, local_files_only=local_files_only)
