@@ -487,7 +487,30 @@ def test_steering_factors_that_are_not_finite_are_refused_before_the_model_loads
     assert "--alphas must be finite numbers, got '0,nan'" in line, line
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "-1"], "bad steering config: lr: Input should be greater than 0 (got -1.0)"),
+    (["--method", "diffmean", "--max-rows", "0"], "bad steering config: max_rows: Input should be greater than 0 (got 0)"),
+    (["--max-rows", "500"], "max_rows 500 is read only by the diffmean and feature methods, and this one is 'reps', "
+                            "which would ignore it; leave max_rows (--max-rows) out"),
+    (["--method", "lm", "--store", "somewhere"], "store 'somewhere' is read only by the diffmean and feature methods"),
+])
+def test_a_bad_steering_flag_is_named_before_the_model_loads(tmp_path, monkeypatch, flags, message):
+    monkeypatch.setattr(scope.models, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    line = error_line(run("steer", "train", "--concept", "bbc:sport", "--out", tmp_path / "run", *flags))
+    assert message in line, line
+    assert not (tmp_path / "run").exists()
+
+
 # --- interop and analysis flags ------------------------------------------------------------------------
+def test_a_dictionary_is_not_saved_into_an_activation_store(store, sae_dir, tmp_path):
+    saelens = tmp_path / "saelens"
+    assert run("export", "saelens", sae_dir, saelens).exit_code == 0
+    before = sorted(p.name for p in store.iterdir())
+    line = error_line(run("import", "saelens", saelens, "--out", store))
+    assert f"'{store}' holds an activation store; save the dictionary in a folder of its own" in line, line
+    assert sorted(p.name for p in store.iterdir()) == before
+
+
 def test_pull_of_a_local_path_says_it_needs_no_pull(store, sae_dir, tmp_path):
     line = error_line(run("pull", store))
     assert f"'{store}' is not a scope or SAELens dictionary folder (needs cfg.json with weights.safetensors" in line

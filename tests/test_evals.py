@@ -143,7 +143,7 @@ def test_max_rows_caps_the_rows_and_empty_views_are_refused(gaussian):
 def test_width_mismatch_names_both_widths(gaussian):
     _, store = gaussian
     sae = build({"kind": "topk", "d_in": 2304, "d_sae": 16, "k": 4, "hook": "x"})
-    with pytest.raises(ScopeError, match="store x has width 8 but the SAE expects 2304"):
+    with pytest.raises(ScopeError, match=r"the SAE reads width d_in 2304, but hook 'x' of store .* has width 8; pass a store"):
         reconstruction_metrics(sae, store)
     with pytest.raises(ScopeError, match="has no hook 'blocks.6.hook_resid_post'"):
         reconstruction_metrics(identity_sae(8, hook=HOOK), store)
@@ -321,7 +321,8 @@ def test_scope_eval_errors_are_one_line(small_store, tmp_path):
     result = CliRunner().invoke(app, ["eval", "--sae", str(tmp_path / "wide"), "--store", small_store.url,
                                       "--held-out", "0.5", "--no-lm"])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert f"store {HOOK} has width 640 but the SAE expects 2304" in result.output
+    assert (f"the SAE reads width d_in 2304, but hook {HOOK!r} of store {small_store.url!r} has width 640"
+            in " ".join(result.output.split()))
     result = CliRunner().invoke(app, ["eval", "--sae", str(tmp_path / "wide"), "--store", small_store.url,
                                       "--held-out", "0.01", "--no-lm"])
     assert result.exit_code == 2 and "held-out split" in result.output and "is empty" in result.output

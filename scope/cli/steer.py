@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from scope.cli.common import DeviceOpt, JsonOpt, ModelDtypeOpt, ModelOpt, SaeModelOpt, emit, floats, friendly
-from scope.errors import ScopeError
+from scope.errors import ScopeError, validation_summary
 
 steer_app = typer.Typer(help="Steering vectors: RePS, DiffMean and the LM objective; steering, suppression, scores.",
                         no_args_is_help=True)
@@ -35,8 +35,7 @@ def _config(**fields):
     try:
         return SteerConfig(**fields)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
-        raise ScopeError(f"bad steering config: {problems}") from None
+        raise ScopeError(f"bad steering config: {validation_summary(err)}") from None
 
 
 @steer_app.command("train")

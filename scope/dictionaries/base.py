@@ -212,6 +212,9 @@ class Dictionary(nn.Module):
     def save(self, folder: str | Path, fold: bool = True) -> Path:
         """Write ``weights.safetensors`` and ``cfg.json`` (atomically), folding the input scale."""
         folder = Path(folder)
+        if (folder / "manifest.json").is_file():  # an activation store's (scope.store.manifest), named here so that
+            # dictionaries need not import the store: its own cfg.json and weights would sit among the shards
+            raise ScopeError(f"{str(folder)!r} holds an activation store; save the dictionary in a folder of its own")
         folder.mkdir(parents=True, exist_ok=True)
         sd = self.saved_tensors(fold)
         tmp = folder / f".{WEIGHTS}.tmp"

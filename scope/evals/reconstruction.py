@@ -99,7 +99,8 @@ def resolve_hook(sae: Dictionary, store: ActivationStore, hook: str | None = Non
     store.check_hook(hook)
     width = store.width(hook)
     if width != sae.cfg.d_in:
-        raise ScopeError(f"store {hook} has width {width} but the SAE expects {sae.cfg.d_in}")
+        raise ScopeError(f"the SAE reads width d_in {sae.cfg.d_in}, but hook {hook!r} of store {store.url!r} has width "
+                         f"{width}; pass a store captured from the SAE's model and hook, or an SAE trained on this one")
     return hook
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -74,7 +74,7 @@ class SteerConfig(BaseModel):
     seed: int = 0
     dtype: str | None = None
     store: str | None = None  # DiffMean's activation store
-    max_rows: int | None = None  # DiffMean: rows read from the store (default all)
+    max_rows: int | None = Field(None, gt=0)  # DiffMean: rows read from the store (default all)
     sae: str | None = None  # a feature vector's dictionary folder (scope steer from-feature)
     feature: int | None = None  # and its feature
 
@@ -84,6 +84,18 @@ class SteerConfig(BaseModel):
         if not v or any(not math.isfinite(a) or a <= 0 for a in v):
             raise ValueError(f"factors must be positive numbers, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _store_only_where_read(self) -> "SteerConfig":
+        # RePS and the LM objective train on generated text and never open a store: a store or max_rows given to
+        # them would be saved in the run's config as if it had shaped the vector.
+        if self.method in ("reps", "lm"):
+            for key in ("store", "max_rows"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} {getattr(self, key)!r} is read only by the diffmean and feature methods, "
+                                     f"and this one is {self.method!r}, which would ignore it; leave {key} "
+                                     f"(--{key.replace('_', '-')}) out")
+        return self
 
     def digest(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
