@@ -485,6 +485,10 @@ def test_steering_factors_that_are_not_finite_are_refused_before_the_model_loads
     monkeypatch.setattr(scope.models, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
     line = error_line(run("steer", "eval", steer_run, "--alphas", "0,nan"))
     assert "--alphas must be finite numbers, got '0,nan'" in line, line
+    line = error_line(run("steer", "eval", steer_run, "--temperature", "nan"))
+    assert "need a finite temperature >= 0 and top_k > 0, got nan" in line, line
+    line = error_line(run("steer", "eval", steer_run, "--new-tokens", "0"))
+    assert "max_new_tokens and batch_size must be positive, got 0 and 128" in line, line
 
 
 @pytest.mark.parametrize("flags, message", [

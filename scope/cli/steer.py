@@ -139,10 +139,12 @@ def steer_eval(
     """Steering and suppression scores (concept, relevance, fluency, harmonic mean) and score-vs-α figure."""
     from scope.analysis.output import write_results
     from scope.steering.evaluate import alpha_figure, evaluate_vector
+    from scope.steering.generate import check_sampling
     from scope.steering.judge import Judge
     from scope.steering.pipeline import concept_data, scorer_for
 
     factors = floats(alphas, "--alphas")  # before the model loads and the probe is fitted
+    check_sampling(new_tokens, temperature, batch_size)
     cfg, vec, lm = _open_run(folder, device)
     data = concept_data(lm, cfg, n_classifier=classifier_texts)
     scorer = scorer_for(lm, data, Path(folder) / "scorer", probe_layer=probe_layer, seed=cfg.seed)

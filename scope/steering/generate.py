@@ -33,6 +33,14 @@ class RowSteer:
 
 
 @torch.no_grad()
+def check_sampling(max_new_tokens: int, temperature: float, batch_size: int, top_k: int = 50) -> None:
+    """Refuse sampling settings that :func:`generate` cannot use (callers check before loading a model)."""
+    if max_new_tokens <= 0 or batch_size <= 0:
+        raise ScopeError(f"max_new_tokens and batch_size must be positive, got {max_new_tokens} and {batch_size}")
+    if not 0 <= temperature < math.inf or top_k <= 0:  # written so that NaN fails too
+        raise ScopeError(f"need a finite temperature >= 0 and top_k > 0, got {temperature} and {top_k}")
+
+
 def generate(model: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 32, temperature: float = 0.7,
              top_k: int = 50, seed: int = 0, batch_size: int = 16, rows: RowSteer | None = None,
              progress=None) -> list[str]:
@@ -45,10 +53,7 @@ def generate(model: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 3
     ``rows`` steers each prompt its own way (many steering factors in one batch: decoding on a CPU
     is bound by reading the weights, so a bigger batch costs little more per step).
     """
-    if max_new_tokens <= 0 or batch_size <= 0:
-        raise ScopeError(f"max_new_tokens and batch_size must be positive, got {max_new_tokens} and {batch_size}")
-    if not 0 <= temperature < math.inf or top_k <= 0:  # written so that NaN fails too
-        raise ScopeError(f"need a finite temperature >= 0 and top_k > 0, got {temperature} and {top_k}")
+    check_sampling(max_new_tokens, temperature, batch_size, top_k)
     if rows is not None and not torch.isfinite(rows.alpha).all():  # sampling would fail deep inside transformers
         bad = rows.alpha[~torch.isfinite(rows.alpha)][0].item()
         raise ScopeError(f"steering factor α {bad} is not a finite number; use a finite one such as 1")
