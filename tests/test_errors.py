@@ -493,6 +493,7 @@ def test_steering_factors_that_are_not_finite_are_refused_before_the_model_loads
 
 @pytest.mark.parametrize("flags, message", [
     (["--lr", "-1"], "bad steering config: lr: Input should be greater than 0 (got -1.0)"),
+    (["--lr", "inf"], "bad steering config: lr: Input should be a finite number (got inf)"),
     (["--method", "diffmean", "--max-rows", "0"], "bad steering config: max_rows: Input should be greater than 0 (got 0)"),
     (["--max-rows", "500"], "max_rows 500 is read only by the diffmean and feature methods, and this one is 'reps', "
                             "which would ignore it; leave max_rows (--max-rows) out"),
@@ -506,6 +507,13 @@ def test_a_bad_steering_flag_is_named_before_the_model_loads(tmp_path, monkeypat
 
 
 # --- interop and analysis flags ------------------------------------------------------------------------
+@pytest.mark.parametrize("flag, value", [("--lr", "inf"), ("--mse-weight", "inf"), ("--lr", "nan")])
+def test_finetune_refuses_a_number_that_is_not_finite(store, sae_dir, tmp_path, flag, value):
+    line = error_line(run("finetune", sae_dir, "--store", store, "--out", tmp_path / "ft", flag, value))
+    assert f"{flag}: Input should be a finite number (got {float(value)!r})" in line, line
+    assert not (tmp_path / "ft").exists()
+
+
 def test_a_dictionary_is_not_saved_into_an_activation_store(store, sae_dir, tmp_path):
     saelens = tmp_path / "saelens"
     assert run("export", "saelens", sae_dir, saelens).exit_code == 0

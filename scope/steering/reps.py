@@ -57,7 +57,8 @@ METRICS = "metrics.jsonl"
 class SteerConfig(BaseModel):
     """How a steering vector is made; a run folder holds one config and refuses another."""
 
-    model_config = ConfigDict(extra="forbid")
+    # inf passes gt=0, and an infinite lr trains a NaN vector without a word
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = "gemma-3-270m"
     concept: str

@@ -58,7 +58,8 @@ SAVED = "sae"
 class FinetuneSettings(BaseModel):
     """How long and how hard to fine-tune; the defaults suit a 4k-16k SAE on Gemma 3 270M on a CPU."""
 
-    model_config = ConfigDict(extra="forbid")
+    # inf passes gt=0, and an infinite lr fine-tunes to NaN weights without a word
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     tokens: int = Field(32_768, gt=0, description="LM tokens (context-window positions) to fine-tune on")
     batch_windows: int = Field(4, gt=0, description="context windows per step")
