@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from scope.dictionaries.matryoshka import prefix_ends
 from scope.dictionaries.whitening import WhiteningSpec
-from scope.errors import ScopeError, first_line
+from scope.errors import ScopeError, first_line, validation_summary
 
 
 class _Strict(BaseModel):
@@ -297,16 +297,8 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
 
 
 def _explain(err: ValidationError, source: str) -> ScopeError:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key {where!r}; valid keys there: {', '.join(_fields_at(TrainConfig, e['loc']))}")
-        elif e["type"] == "missing":
-            lines.append(f"missing key {where!r}")
-        else:
-            lines.append(f"{where}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
-    return ScopeError(f"invalid training config {source}: " + "; ".join(lines))
+    keys = validation_summary(err, lambda loc: _fields_at(TrainConfig, loc))
+    return ScopeError(f"invalid training config {source}: {keys}")
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
