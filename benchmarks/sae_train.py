@@ -44,6 +44,9 @@ x@W_enc alone, the one product no exact encoder avoids (column "vs x@W_enc").
 On a CPU without native bf16 (AVX2 only) bf16 matmuls run ~20x slower than float32 in both libraries, so
 bf16 at full size there takes minutes per step; use ``--dtypes float32`` (or a GPU) for full-size runs.
 
+On a CPU scope's sparse step runs numba-compiled loops (scope/dictionaries/cpu_kernels.py); the environment
+variable SCOPE_CPU_KERNELS=0, which the worker processes inherit, times torch's own kernels instead.
+
 Run:
     python benchmarks/sae_train.py [--store stores/gemma-3-270m-mix-l6] [--d-sae 16384] [--batch 4096]
         [--steps 6] [--warmup 2] [--dtypes float32,bfloat16] [--start-l0 64] [--repeat 1] [--threads N] [--json]
@@ -56,6 +59,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -341,7 +345,8 @@ def bench(args) -> dict:
                    "bandwidth": args.bandwidth, "threshold_init": args.threshold_init, "start_l0": args.start_l0,
                    "adam_betas": [0.0, 0.999], "device": args.device,
                    "threads": torch.get_num_threads(), "repeat": args.repeat, "torch": torch.__version__,
-                   "saelens_python": args.saelens_python},
+                   "saelens_python": args.saelens_python,
+                   "cpu_kernels": "torch" if os.environ.get("SCOPE_CPU_KERNELS") == "0" else "compiled"},
         "data": data, "results": results,
         "target": {"scope_sparse_vs_saelens": speedups, "needed": TARGET, "met": met,
                    "scope_sparse_vs_encoder": encoder, "encoder_needed": ENCODER_TARGET,
@@ -357,7 +362,8 @@ def report(res: dict) -> str:
     th_note = f" (then calibrated per latent to start at L0 {c['start_l0']:g})" if c["start_l0"] else ""
     lines = [
         f"JumpReLU SAE training: d_in {d['d_in']}, d_sae {c['d_sae']}, batch {c['batch']}, "
-        f"{c['warmup']} warm-up + {c['steps']} timed steps, device {c['device']}, {c['threads']} threads",
+        f"{c['warmup']} warm-up + {c['steps']} timed steps, device {c['device']}, {c['threads']} threads, "
+        f"scope's CPU kernels: {c['cpu_kernels']}",
         f"data: {d['source']}; {d['train_rows']} training rows + {d['eval_rows']} held-out rows, input scale "
         f"{d['input_scale']:.4g}",
         f"recipe (both): lr {c['lr']:g} {lr_note}, L0 coeff {c['l0_coeff']:g}, bandwidth {c['bandwidth']:g}, "

@@ -188,6 +188,30 @@ def test_matryoshka_loss_is_the_sum_of_the_prefix_losses(kind, extra, sparse):
     torch.testing.assert_close(parts.mse, full, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_parts", [1, 3])
+def test_the_written_out_reconstruction_backward_is_autograds(n_parts):
+    from scope.dictionaries.matryoshka import _nested
+    torch.manual_seed(3)
+    leaves = [torch.randn(40, 8, dtype=torch.float64, requires_grad=True) for _ in range(n_parts + 1)]
+    b_dec = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    xs, parts = leaves[0], leaves[1:]
+    rec = _nested(xs, parts, b_dec)
+    (rec.loss + 0.5 * rec.mse).backward()  # both outputs carry a gradient
+    got = [t.grad.clone() for t in (xs, b_dec, *parts)]
+    for t in (xs, b_dec, *parts):
+        t.grad = None
+    recon, errs = b_dec, []
+    for part in parts:
+        recon = recon + part
+        errs.append((xs - recon).pow(2).sum(-1).mean())
+    (sum(errs) + 0.5 * errs[-1]).backward()
+    torch.testing.assert_close(rec.loss, sum(errs))
+    torch.testing.assert_close(rec.err, xs - recon)
+    assert not rec.err.requires_grad
+    for g, t in zip(got, (xs, b_dec, *parts)):
+        torch.testing.assert_close(g, t.grad)
+
+
 def test_matryoshka_sparse_and_plain_gradients_agree():
     torch.manual_seed(2)
     d = build({"kind": "jumprelu", "d_in": 16, "d_sae": 128, "threshold_init": 2.0, "bandwidth": 0.05,

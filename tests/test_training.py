@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from scope.dictionaries import build, load
 from scope.dictionaries.jumprelu import JumpReLUFn, StepFn
+from scope.dictionaries import cpu_kernels
 from scope.dictionaries.sparse import SEARCH_GROUP, _at_or_above_zero, encode_pairs
 from scope.dictionaries.topk import statistical_threshold
 from scope.errors import ScopeError
@@ -102,7 +103,34 @@ def test_the_grouped_search_finds_exactly_the_entries_at_or_above_zero(width):
     assert torch.equal(got, want)  # the same indices, ascending (row-major)
 
 
-def test_encode_pairs_gives_the_dense_pairs_and_pre_activations():
+@pytest.fixture(params=["compiled", "torch"])
+def kernels(request, monkeypatch):
+    """Run a test once with the compiled CPU kernels (numba) and once with torch's alone."""
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    return request.param
+
+
+def test_the_compiled_cpu_kernels_are_on_where_numba_is_installed():
+    assert cpu_kernels.ENABLED, "numba is a dependency: without it every CPU step falls back to torch's kernels"
+    assert cpu_kernels.usable(torch.zeros(2), torch.zeros(2, dtype=torch.long))
+    assert not cpu_kernels.usable(torch.zeros(2, dtype=torch.float64))
+
+
+def test_the_compiled_search_regrows_its_buffer_and_stops_at_the_limit():
+    torch.manual_seed(2)
+    block, shifted, floor = torch.randn(50, 37), torch.randn(37) * 0.1, torch.rand(37)
+    block[4, 5] = shifted[5]  # equal: z == floor is a pair
+    r, c = (block >= shifted).nonzero().unbind(1)
+    out = cpu_kernels.PairBuffer(3)  # far too small: the search grows it and redoes the block
+    assert cpu_kernels.search(block, shifted, floor, 100, out, None)
+    rows, cols, vals = out.tensors()
+    assert torch.equal(rows, r + 100) and torch.equal(cols, c)
+    torch.testing.assert_close(vals, (block - shifted + floor)[r, c])
+    assert not cpu_kernels.search(block, shifted, floor, 0, cpu_kernels.PairBuffer(len(r)), len(r) - 1)
+
+
+def test_encode_pairs_gives_the_dense_pairs_and_pre_activations(kernels):
     torch.manual_seed(1)
     xin, W, b = torch.randn(600, 24), torch.randn(24, SEARCH_GROUP * 8), torch.randn(SEARCH_GROUP * 8) * 0.1
     z = xin @ W + b
@@ -125,7 +153,7 @@ def test_encode_pairs_gives_the_dense_pairs_and_pre_activations():
     {"kind": "topk", "k": 8}, {"kind": "topk", "k": 8, "selection": "batch"},
     {"kind": "topk", "k": 8, "selection": "statistical"}, {"kind": "topk", "k": 8, "dead_after_tokens": 0},
     {"kind": "topk", "k": 8, "dead_after_tokens": 0, "aux_b_dec": False}])
-def test_sparse_kernels_give_the_plain_path_loss_and_gradients(cfg):
+def test_sparse_kernels_give_the_plain_path_loss_and_gradients(cfg, kernels):
     torch.manual_seed(0)
     d = build({"d_in": 32, "d_sae": 256, **cfg})
     with torch.no_grad():

@@ -15,7 +15,9 @@ functions compute the same values and gradients from those pairs alone:
 * :class:`SparseDecode` — x̂ = Σ f·W_dec over the pairs (``embedding_bag``); backward gives the
   codes' gradient by a sampled dense-dense product and W_dec's by a sparse product.
 
-The plain eager path (``loss(..., sparse=False)``) stays as the reference; tests compare them.
+On a CPU the search, the decoder's forward and backward and W_enc's gradient run as compiled loops
+(``scope/dictionaries/cpu_kernels.py``), one sweep each; the torch code here is their reference and the GPU path.
+The plain eager path (``loss(..., sparse=False)``) stays as the reference of both; tests compare them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from scope.dictionaries import cpu_kernels
 
 
 def _csr(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -83,9 +86,12 @@ class GatheredPre(torch.autograd.Function):
     def backward(ctx, grad):
         x, W_enc, rows, cols = ctx.saved_tensors
         grad = grad.to(x.dtype)
-        grad_b_enc = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
-        rows, cols, grad = _nonzero(rows, cols, grad)  # JumpReLU's inactive window pairs pass no gradient to z
-        grad_W_enc = _transpose_times(rows, cols, grad, x.shape[0], W_enc.shape[1], x).T
+        if cpu_kernels.usable(x, W_enc, grad):
+            grad_W_enc, grad_b_enc = cpu_kernels.transpose_times(rows, cols, grad, W_enc.shape[1], x)
+        else:
+            grad_b_enc = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
+            rows, cols, grad = _nonzero(rows, cols, grad)  # JumpReLU's inactive window pairs pass no gradient to z
+            grad_W_enc = _transpose_times(rows, cols, grad, x.shape[0], W_enc.shape[1], x).T
         grad_shift = -(W_enc @ grad_b_enc) if ctx.needs_input_grad[6] else None
         return None, grad_W_enc, grad_b_enc, None, None, None, grad_shift
 
@@ -145,8 +151,18 @@ def encode_pairs(xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, fl
     width = W_enc.shape[1]
     rows, cols, values, columns, found = [], [], [], [], 0
     step = BLOCK_ROWS if xin.device.type == "cpu" else max(1, xin.shape[0])
+    compiled = cpu_kernels.usable(xin, W_enc)
+    if compiled:
+        out = cpu_kernels.PairBuffer(max_pairs + 1 if max_pairs is not None else 64 * xin.shape[0])
     for start in range(0, xin.shape[0], step):
-        block = (xin[start:start + step] @ W_enc).float().sub_(shifted)
+        block = (xin[start:start + step] @ W_enc).float()
+        if compiled:  # one sweep compares, finds and gathers; the block stays unshifted
+            if not cpu_kernels.search(block, shifted, floor, start, out, max_pairs):
+                return None
+            if column_ids is not None:
+                columns.append(block.index_select(1, column_ids).sub_(shifted[column_ids]))
+            continue
+        block.sub_(shifted)
         flat = _at_or_above_zero(block)
         found += flat.shape[0]
         if max_pairs is not None and found > max_pairs:
@@ -157,6 +173,9 @@ def encode_pairs(xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, fl
         values.append(block.view(-1)[flat])
         if column_ids is not None:
             columns.append(block.index_select(1, column_ids))
+    if compiled:
+        r, c, v = out.tensors()
+        return Pairs(r, c, v, None if column_ids is None else torch.cat(columns) + floor[column_ids])
     cols_all = torch.cat(cols)
     return Pairs(torch.cat(rows), cols_all, torch.cat(values) + floor[cols_all],
                  None if column_ids is None else torch.cat(columns) + floor[column_ids])
@@ -169,6 +188,8 @@ class SparseDecode(torch.autograd.Function):
     def forward(ctx, vals, W_dec, rows, cols, batch):
         ctx.save_for_backward(vals, W_dec, rows, cols)
         ctx.batch = batch
+        if cpu_kernels.usable(vals, W_dec):  # zero values (window pairs below θ) add nothing there either
+            return cpu_kernels.decode(rows, cols, vals, W_dec, batch)
         rows, cols, vals = _nonzero(rows, cols, vals)  # JumpReLU's window pairs below θ decode to nothing
         offsets = torch.zeros(batch, dtype=torch.long, device=rows.device)
         offsets[1:] = torch.bincount(rows, minlength=batch).cumsum(0)[:-1]
@@ -178,6 +199,9 @@ class SparseDecode(torch.autograd.Function):
     def backward(ctx, grad):
         vals, W_dec, rows, cols = ctx.saved_tensors
         grad = grad.contiguous().to(W_dec.dtype)
+        if cpu_kernels.usable(vals, W_dec, grad):
+            grad_vals, grad_W_dec = cpu_kernels.decode_backward(rows, cols, vals, W_dec, grad)
+            return grad_vals, grad_W_dec, None, None, None
         mask = _csr(rows, cols, torch.ones_like(vals, dtype=W_dec.dtype), (ctx.batch, W_dec.shape[0]))
         grad_vals = torch.sparse.sampled_addmm(mask, grad, W_dec.T, beta=0.0).values()  # θ needs it at every pair
         rows, cols, vals = _nonzero(rows, cols, vals)
