@@ -112,6 +112,8 @@ def kernels(request, monkeypatch):
 
 
 def test_the_compiled_cpu_kernels_are_on_where_numba_is_installed():
+    if os.environ.get("SCOPE_CPU_KERNELS") == "0":
+        pytest.skip("SCOPE_CPU_KERNELS=0 turns them off on purpose")
     assert cpu_kernels.ENABLED, "numba is a dependency: without it every CPU step falls back to torch's kernels"
     assert cpu_kernels.usable(torch.zeros(2), torch.zeros(2, dtype=torch.long))
     assert not cpu_kernels.usable(torch.zeros(2, dtype=torch.float64))
