@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import statistics
 import subprocess
@@ -302,6 +301,8 @@ def check_saelens_python(path: str) -> None:
 
 
 def bench(args) -> dict:
+    from scope.dictionaries import cpu_kernels  # SCOPE_CPU_KERNELS reaches the workers as it reaches this process
+
     t0 = time.time()
     check_saelens_python(args.saelens_python)
     if args.threads > 0:
@@ -346,7 +347,7 @@ def bench(args) -> dict:
                    "adam_betas": [0.0, 0.999], "device": args.device,
                    "threads": torch.get_num_threads(), "repeat": args.repeat, "torch": torch.__version__,
                    "saelens_python": args.saelens_python,
-                   "cpu_kernels": "torch" if os.environ.get("SCOPE_CPU_KERNELS") == "0" else "compiled"},
+                   "cpu_kernels": "compiled" if cpu_kernels.ENABLED else "torch"},
         "data": data, "results": results,
         "target": {"scope_sparse_vs_saelens": speedups, "needed": TARGET, "met": met,
                    "scope_sparse_vs_encoder": encoder, "encoder_needed": ENCODER_TARGET,

@@ -119,6 +119,11 @@ def test_the_compiled_cpu_kernels_are_on_where_numba_is_installed():
     assert not cpu_kernels.usable(torch.zeros(2, dtype=torch.float64))
 
 
+def test_importing_the_dictionaries_leaves_numba_for_the_first_cpu_step():
+    code = "import sys, scope.dictionaries, scope.cli; assert 'numba' not in sys.modules, 'numba imported eagerly'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_the_compiled_search_regrows_its_buffer_and_stops_at_the_limit():
     torch.manual_seed(2)
     block, shifted, floor = torch.randn(50, 37), torch.randn(37) * 0.1, torch.rand(37)

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from scope.dictionaries import cpu_kernels
 
 
 def _csr(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -86,8 +85,8 @@ class GatheredPre(torch.autograd.Function):
     def backward(ctx, grad):
         x, W_enc, rows, cols = ctx.saved_tensors
         grad = grad.to(x.dtype)
-        if cpu_kernels.usable(x, W_enc, grad):
-            grad_W_enc, grad_b_enc = cpu_kernels.transpose_times(rows, cols, grad, W_enc.shape[1], x)
+        if (loops := _cpu_loops(x, W_enc, grad)) is not None:
+            grad_W_enc, grad_b_enc = loops.transpose_times(rows, cols, grad, W_enc.shape[1], x)
         else:
             grad_b_enc = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
             rows, cols, grad = _nonzero(rows, cols, grad)  # JumpReLU's inactive window pairs pass no gradient to z
@@ -103,6 +102,19 @@ BLOCK_ROWS = 256
 # Latents per group in a CPU block's search (_at_or_above_zero): 16 and 32 measured within run-to-run noise of
 # each other at 4,096 and 16,384 latents (benchmarks/sae_train.py, docs/benchmarks.md).
 SEARCH_GROUP = 16
+
+
+def _cpu_loops(*tensors: torch.Tensor):
+    """The module of compiled CPU loops when they apply to ``tensors``, else None.
+
+    Imported on first use: importing numba costs about 0.3 s, which commands that never train should not pay,
+    and a GPU never needs it.
+    """
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    from scope.dictionaries import cpu_kernels
+
+    return cpu_kernels if cpu_kernels.usable(*tensors) else None
 
 
 @dataclass
@@ -142,7 +154,7 @@ def encode_pairs(xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, fl
 
     The encoder product runs in blocks of rows; each block has ``floor − b_enc`` taken off in place (z ≥ floor
     exactly where the difference is ≥ 0, and the pairs' z is the difference plus ``floor``) and is searched
-    while it is in cache, so the [batch × d_sae] pre-activations are never written whole. ``column_ids`` also
+    while it is in cache (on a CPU the compiled ``cpu_kernels.search`` compares and gathers in one sweep instead), so the [batch × d_sae] pre-activations are never written whole. ``column_ids`` also
     returns those columns of z whole (AuxK ranks the dead latents' pre-activations). None as soon as there are
     more than ``max_pairs`` pairs: the caller's dense path is cheaper then.
     """
@@ -151,16 +163,16 @@ def encode_pairs(xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, fl
     width = W_enc.shape[1]
     rows, cols, values, columns, found = [], [], [], [], 0
     step = BLOCK_ROWS if xin.device.type == "cpu" else max(1, xin.shape[0])
-    compiled = cpu_kernels.usable(xin, W_enc)
-    if compiled:
-        out = cpu_kernels.PairBuffer(max_pairs + 1 if max_pairs is not None else 64 * xin.shape[0])
+    loops = _cpu_loops(xin, W_enc)
+    if loops is not None:
+        out = loops.PairBuffer(max_pairs + 1 if max_pairs is not None else 64 * xin.shape[0])
     for start in range(0, xin.shape[0], step):
         block = (xin[start:start + step] @ W_enc).float()
-        if compiled:  # one sweep compares, finds and gathers; the block stays unshifted
-            if not cpu_kernels.search(block, shifted, floor, start, out, max_pairs):
+        if column_ids is not None:
+            columns.append(block.index_select(1, column_ids).sub_(shifted[column_ids]))
+        if loops is not None:  # one sweep compares, finds and gathers; the block stays unshifted
+            if not loops.search(block, shifted, floor, start, out, max_pairs):
                 return None
-            if column_ids is not None:
-                columns.append(block.index_select(1, column_ids).sub_(shifted[column_ids]))
             continue
         block.sub_(shifted)
         flat = _at_or_above_zero(block)
@@ -171,14 +183,11 @@ def encode_pairs(xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, fl
         rows.append(r + start)
         cols.append(flat - r * width)
         values.append(block.view(-1)[flat])
-        if column_ids is not None:
-            columns.append(block.index_select(1, column_ids))
-    if compiled:
-        r, c, v = out.tensors()
-        return Pairs(r, c, v, None if column_ids is None else torch.cat(columns) + floor[column_ids])
+    whole = None if column_ids is None else torch.cat(columns) + floor[column_ids]
+    if loops is not None:
+        return Pairs(*out.tensors(), whole)
     cols_all = torch.cat(cols)
-    return Pairs(torch.cat(rows), cols_all, torch.cat(values) + floor[cols_all],
-                 None if column_ids is None else torch.cat(columns) + floor[column_ids])
+    return Pairs(torch.cat(rows), cols_all, torch.cat(values) + floor[cols_all], whole)
 
 
 class SparseDecode(torch.autograd.Function):
@@ -188,8 +197,8 @@ class SparseDecode(torch.autograd.Function):
     def forward(ctx, vals, W_dec, rows, cols, batch):
         ctx.save_for_backward(vals, W_dec, rows, cols)
         ctx.batch = batch
-        if cpu_kernels.usable(vals, W_dec):  # zero values (window pairs below θ) add nothing there either
-            return cpu_kernels.decode(rows, cols, vals, W_dec, batch)
+        if (loops := _cpu_loops(vals, W_dec)) is not None:  # zero values (window pairs below θ) add nothing there
+            return loops.decode(rows, cols, vals, W_dec, batch)
         rows, cols, vals = _nonzero(rows, cols, vals)  # JumpReLU's window pairs below θ decode to nothing
         offsets = torch.zeros(batch, dtype=torch.long, device=rows.device)
         offsets[1:] = torch.bincount(rows, minlength=batch).cumsum(0)[:-1]
@@ -199,8 +208,8 @@ class SparseDecode(torch.autograd.Function):
     def backward(ctx, grad):
         vals, W_dec, rows, cols = ctx.saved_tensors
         grad = grad.contiguous().to(W_dec.dtype)
-        if cpu_kernels.usable(vals, W_dec, grad):
-            grad_vals, grad_W_dec = cpu_kernels.decode_backward(rows, cols, vals, W_dec, grad)
+        if (loops := _cpu_loops(vals, W_dec, grad)) is not None:
+            grad_vals, grad_W_dec = loops.decode_backward(rows, cols, vals, W_dec, grad)
             return grad_vals, grad_W_dec, None, None, None
         mask = _csr(rows, cols, torch.ones_like(vals, dtype=W_dec.dtype), (ctx.batch, W_dec.shape[0]))
         grad_vals = torch.sparse.sampled_addmm(mask, grad, W_dec.T, beta=0.0).values()  # θ needs it at every pair

@@ -32,7 +32,6 @@ class RowSteer:
     null: torch.Tensor  # [prompts] bool
 
 
-@torch.no_grad()
 def check_sampling(max_new_tokens: int, temperature: float, batch_size: int, top_k: int = 50) -> None:
     """Refuse sampling settings that :func:`generate` cannot use (callers check before loading a model)."""
     if max_new_tokens <= 0 or batch_size <= 0:
@@ -41,6 +40,7 @@ def check_sampling(max_new_tokens: int, temperature: float, batch_size: int, top
         raise ScopeError(f"need a finite temperature >= 0 and top_k > 0, got {temperature} and {top_k}")
 
 
+@torch.no_grad()
 def generate(model: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 32, temperature: float = 0.7,
              top_k: int = 50, seed: int = 0, batch_size: int = 16, rows: RowSteer | None = None,
              progress=None) -> list[str]:
