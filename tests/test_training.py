@@ -103,12 +103,24 @@ def test_the_grouped_search_finds_exactly_the_entries_at_or_above_zero(width):
     assert torch.equal(got, want)  # the same indices, ascending (row-major)
 
 
-@pytest.fixture(params=["compiled", "torch"])
+@pytest.fixture(params=["compiled", "compiled-blocked", "torch"])
 def kernels(request, monkeypatch):
-    """Run a test once with the compiled CPU kernels (numba) and once with torch's alone."""
+    """Run a test with the compiled CPU kernels (numba), again with them cut into cache blocks of 5 rows or
+    latents whatever the density, and once with torch's kernels alone."""
     if request.param == "torch":
         monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    if request.param == "compiled-blocked":
+        monkeypatch.setattr(cpu_kernels, "_BLOCK_BYTES", 4 * 32 * 5)  # 5 rows of the tests' d_in 32
+        monkeypatch.setattr(cpu_kernels, "_MIN_PAIRS_PER_BLOCK", 0)
     return request.param
+
+
+def test_the_pair_loops_block_for_the_cache_only_where_blocks_stay_dense():
+    # Batch 4,096 at d_in 640 and L0 64: 4,096 latents give 8 pairs per (512-row block, latent), 16,384 give 2.
+    pairs = 64 * 4096
+    assert cpu_kernels._block(pairs, 4096, 4096, 640, 4096) == 512
+    assert cpu_kernels._block(pairs, 4096, 16384, 640, 4096) == 4096
+    assert cpu_kernels._block(pairs, 256, 4096, 640, 256) == 256, "a batch smaller than one block is one block"
 
 
 def test_the_compiled_cpu_kernels_are_on_where_numba_is_installed():
@@ -529,3 +541,22 @@ def test_threshold_lr_gives_jumprelu_thresholds_their_own_learning_rate(synth, t
     assert shared > 1e-3, "θ trains at the dictionary's lr (3e-3) by default"
     assert 0.5 < (own / shared) / (3e-5 / 3e-3) < 2, (own, shared)
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+def test_training_keeps_freed_memory_so_a_steps_temporaries_do_not_fault_in_again():
+    # 64 MiB, twice: without the setting glibc returns the first to the kernel and the second faults in 16,384 pages.
+    code = """if True:
+        import resource, sys, torch
+        from scope.training.trainer import reuse_freed_memory
+        if sys.argv[1] == "on":
+            assert reuse_freed_memory()
+        torch.ones(2**24).sum()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(2**24).sum()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """
+    faults = {m: int(subprocess.run([sys.executable, "-c", code, m], check=True, capture_output=True, text=True)
+                     .stdout) for m in ("on", "off")}
+    assert faults["off"] > 10_000, f"the check sees the faults it is meant to prevent: {faults}"
+    assert faults["on"] < 1_000, faults
