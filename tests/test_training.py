@@ -560,3 +560,13 @@ def test_training_keeps_freed_memory_so_a_steps_temporaries_do_not_fault_in_agai
                      .stdout) for m in ("on", "off")}
     assert faults["off"] > 10_000, f"the check sees the faults it is meant to prevent: {faults}"
     assert faults["on"] < 1_000, faults
+
+
+def test_the_compiled_pair_loops_give_zeros_for_an_empty_batch_or_no_pairs():
+    none, no_vals = torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    for rows in (0, 3):
+        grad_W_enc, col_sums = cpu_kernels.transpose_times(none, none, no_vals, 8, torch.randn(rows, 4))
+        assert grad_W_enc.shape == (4, 8) and not grad_W_enc.any() and not col_sums.any()
+        assert cpu_kernels.decode(none, none, no_vals, torch.randn(8, 4), rows).equal(torch.zeros(rows, 4))
+        grad_vals, grad_W_dec = cpu_kernels.decode_backward(none, none, no_vals, torch.randn(8, 4), torch.randn(rows, 4))
+        assert grad_vals.shape == (0,) and not grad_W_dec.any()

@@ -138,8 +138,9 @@ def _column_offsets(cols, n_cols):  # pragma: no cover - compiled
 # than L2, so unblocked it reads about pairs × d_in × 4 bytes from L3 (0.7 GB per loop at batch 4,096 and L0 64).
 # Cut into blocks of rows (or latents) that fit in L2, the gathers hit L2 and only the accumulator rows travel from L3,
 # once per block. That pays while a block still holds several pairs per accumulator row: measured on one thread at
-# d_in 640 (2 MiB L2), 4,096 latents and L0 64, blocks of 512 rows took W_enc's gradient from 38 to 24 ms and the
-# decoder's backward from 39 to 29 ms; at 16,384 latents (2 pairs per block and latent) blocking made both slower.
+# d_in 640 (2 MiB L2) on synthetic pairs, 4,096 latents and L0 64, blocks of 512 rows took W_enc's gradient from 38
+# to 24 ms and the decoder's backward from 39 to 29 ms; at 16,384 latents (2 pairs per block and latent) blocking made
+# both slower. In real steps (L0 50) the three loops took 20-25 ms less (docs/benchmarks.md).
 _BLOCK_BYTES = 1_310_720  # the gathered block: 512 rows of 640 floats, well within a 2 MiB L2
 _MIN_PAIRS_PER_BLOCK = 4  # average pairs per (block, accumulator row) below which one block is cheaper
 
@@ -148,7 +149,7 @@ def _block(n_pairs: int, n_rows: int, n_cols: int, d: int, blocked: int) -> int:
     """Rows (or latents) per block of a pair loop over ``blocked`` of them; ``blocked`` itself for one block."""
     size = max(1, _BLOCK_BYTES // (4 * d))
     dense_enough = n_pairs * size >= _MIN_PAIRS_PER_BLOCK * n_rows * n_cols
-    return size if dense_enough and size < blocked else blocked
+    return size if dense_enough and size < blocked else max(1, blocked)
 
 
 # Latents per chunk of _transpose_times: its output rows are written transposed 16 floats (one cache line) at a time.
@@ -163,7 +164,7 @@ def _transpose_times(rows, order, offsets, vals, dense, block, scratch, out, col
     n_rows = dense.shape[0]
     n_cols = out.shape[1]
     next_pair = offsets[:-1].copy()  # each latent's first pair not yet summed (its rows ascend)
-    for r0 in range(0, n_rows, block):
+    for r0 in range(0, max(n_rows, 1), block):  # an empty batch still writes its zeros
         r1 = r0 + block
         for chunk in prange((n_cols + _CHUNK - 1) // _CHUNK):
             c0 = chunk * _CHUNK
