@@ -545,21 +545,26 @@ def test_threshold_lr_gives_jumprelu_thresholds_their_own_learning_rate(synth, t
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
 def test_training_keeps_freed_memory_so_a_steps_temporaries_do_not_fault_in_again():
-    # 64 MiB, twice: without the setting glibc returns the first to the kernel and the second faults in 16,384 pages.
+    # 64 MiB temporaries, as a step's: without the setting glibc returns each to the kernel and the next faults in
+    # 16,384 pages. The first few settle first: an aligned request does not fit the chunk just freed, so the heap
+    # grows once or twice before freed chunks are reused (one round alone faulted in about half of the runs).
     code = """if True:
         import resource, sys, torch
         from scope.training.trainer import reuse_freed_memory
         if sys.argv[1] == "on":
             assert reuse_freed_memory()
-        torch.ones(2**24).sum()
+        for _ in range(3):
+            torch.ones(2**24).sum()
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.ones(2**24).sum()
+        for _ in range(3):
+            torch.ones(2**24).sum()
         print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     """
-    faults = {m: int(subprocess.run([sys.executable, "-c", code, m], check=True, capture_output=True, text=True)
-                     .stdout) for m in ("on", "off")}
-    assert faults["off"] > 10_000, f"the check sees the faults it is meant to prevent: {faults}"
-    assert faults["on"] < 1_000, faults
+    for _ in range(3):  # heap layouts differ from run to run (address randomisation)
+        faults = {m: int(subprocess.run([sys.executable, "-c", code, m], check=True, capture_output=True,
+                                        text=True).stdout) for m in ("on", "off")}
+        assert faults["off"] > 30_000, f"the check sees the faults it is meant to prevent: {faults}"
+        assert faults["on"] < 1_000, faults
 
 
 def test_the_compiled_pair_loops_give_zeros_for_an_empty_batch_or_no_pairs():
