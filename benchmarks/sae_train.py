@@ -11,8 +11,8 @@ What it measures, per dtype (float32, and bf16 autocast with float32 parameters)
   ``torch.autocast(bfloat16)`` as the trainer does for ``dtype: bfloat16``.
 * scope eager — the same step with the plain dense path, ``loss(x, λ, sparse=False)``.
 * bare matmuls — the five dense products of one step with plain ``torch.matmul`` on random tensors of the
-  same shapes and dtype, each into an output buffer allocated once: x@W_enc [B×d_in×d_sae], f@W_dec, and the backward products grad_x̂@W_decᵀ,
-  fᵀ@grad_x̂, xᵀ@grad_z. Every step time is also printed as a ratio to this.
+  same shapes and dtype, each into an output buffer allocated once: x@W_enc [B×d_in×d_sae], f@W_dec, and the
+  backward products grad_x̂@W_decᵀ, fᵀ@grad_x̂, xᵀ@grad_z. Every step time is also printed as a ratio to this.
 
 Both libraries train on exactly the same rows in the same order: the ``(warm-up + steps) × batch`` rows
 (plus one held-out batch for the final metrics) are written once to a temporary safetensors file that every
@@ -434,8 +434,9 @@ def report(res: dict) -> str:
                          "regime of the first training steps, where the sparse kernels do more work than dense "
                          "products; --start-l0 64 times the sparse regime of the rest of training")
         if sp.get("encoder_product_s"):
+            product = statistics.median(sp["encoder_product_s"])
             lines.append(f"  scope sparse step vs x@W_enc timed in its own process right after its steps (median "
-                         f"{statistics.median(sp['encoder_product_s']):.3f} s): {sp['step_vs_encoder_same_process']:.2f}x")
+                         f"{product:.3f} s): {sp['step_vs_encoder_same_process']:.2f}x")
         if "error" in mm:
             continue
         per = ", ".join(f"{k} {t * 1e3:.0f} ms" for k, t in mm["per_product_median_s"].items())

@@ -542,7 +542,6 @@ def test_threshold_lr_gives_jumprelu_thresholds_their_own_learning_rate(synth, t
     assert 0.5 < (own / shared) / (3e-5 / 3e-3) < 2, (own, shared)
 
 
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
 def test_training_keeps_freed_memory_so_a_steps_temporaries_do_not_fault_in_again():
     # 64 MiB temporaries, as a step's: without the setting glibc returns each to the kernel and the next faults in
@@ -573,5 +572,6 @@ def test_the_compiled_pair_loops_give_zeros_for_an_empty_batch_or_no_pairs():
         grad_W_enc, col_sums = cpu_kernels.transpose_times(none, none, no_vals, 8, torch.randn(rows, 4))
         assert grad_W_enc.shape == (4, 8) and not grad_W_enc.any() and not col_sums.any()
         assert cpu_kernels.decode(none, none, no_vals, torch.randn(8, 4), rows).equal(torch.zeros(rows, 4))
-        grad_vals, grad_W_dec = cpu_kernels.decode_backward(none, none, no_vals, torch.randn(8, 4), torch.randn(rows, 4))
+        grad_vals, grad_W_dec = cpu_kernels.decode_backward(none, none, no_vals, torch.randn(8, 4),
+                                                            torch.randn(rows, 4))
         assert grad_vals.shape == (0,) and not grad_W_dec.any()

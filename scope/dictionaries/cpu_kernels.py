@@ -250,10 +250,10 @@ def decode(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, W_dec: to
            batch: int) -> torch.Tensor:
     """x̂[b] = Σ over the row-major pairs (b, i) of vals · W_dec[i]."""
     n_cols, d = W_dec.shape
+    block = _block(rows.shape[0], batch, n_cols, d, n_cols)
     out = np.zeros((batch, d), np.float32)
     _threads()
-    _decode(_offsets(_np(rows), batch), _np(cols), _np(vals), _np(W_dec), _block(rows.shape[0], batch, n_cols, d, n_cols),
-            out)
+    _decode(_offsets(_np(rows), batch), _np(cols), _np(vals), _np(W_dec), block, out)
     return torch.from_numpy(out)
 
 

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def _csr(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """CSR matrix from row-major sorted (row, col) pairs."""
     crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=rows.device)
@@ -154,9 +153,10 @@ def encode_pairs(xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, fl
 
     The encoder product runs in blocks of rows; each block has ``floor − b_enc`` taken off in place (z ≥ floor
     exactly where the difference is ≥ 0, and the pairs' z is the difference plus ``floor``) and is searched
-    while it is in cache (on a CPU the compiled ``cpu_kernels.search`` compares and gathers in one sweep instead), so the [batch × d_sae] pre-activations are never written whole. ``column_ids`` also
-    returns those columns of z whole (AuxK ranks the dead latents' pre-activations). None as soon as there are
-    more than ``max_pairs`` pairs: the caller's dense path is cheaper then.
+    while it is in cache (on a CPU the compiled ``cpu_kernels.search`` compares and gathers in one sweep instead),
+    so the [batch × d_sae] pre-activations are never written whole. ``column_ids`` also returns those columns of z
+    whole (AuxK ranks the dead latents' pre-activations). None as soon as there are more than ``max_pairs`` pairs:
+    the caller's dense path is cheaper then.
     """
     floor = floor.float()
     shifted = floor - b_enc.float()
