@@ -106,12 +106,15 @@ def test_the_grouped_search_finds_exactly_the_entries_at_or_above_zero(width):
 @pytest.fixture(params=["compiled", "compiled-blocked", "torch"])
 def kernels(request, monkeypatch):
     """Run a test with the compiled CPU kernels (numba), again with them cut into cache blocks of 5 rows or
-    latents whatever the density, and once with torch's kernels alone."""
+    latents whatever the density (and the encoder into tiles of 64 rows and 40 latents), and once with torch's
+    kernels alone."""
     if request.param == "torch":
         monkeypatch.setattr(cpu_kernels, "ENABLED", False)
     if request.param == "compiled-blocked":
         monkeypatch.setattr(cpu_kernels, "_BLOCK_BYTES", 4 * 32 * 5)  # 5 rows of the tests' d_in 32
         monkeypatch.setattr(cpu_kernels, "_MIN_PAIRS_PER_BLOCK", 0)
+        monkeypatch.setattr(cpu_kernels, "TILE_ROWS", 64)
+        monkeypatch.setattr(cpu_kernels, "TILE_COLS", 40)  # not a multiple of 16: each tile ends with odd columns
     return request.param
 
 
@@ -140,6 +143,7 @@ def test_the_compiled_search_regrows_its_buffer_and_stops_at_the_limit():
     torch.manual_seed(2)
     block, shifted, floor = torch.randn(50, 37), torch.randn(37) * 0.1, torch.rand(37)
     block[4, 5] = shifted[5]  # equal: z == floor is a pair
+    block[6, 7] = block[6, 36] = float("nan")  # never a pair, inside a 16-column group and in the odd tail
     r, c = (block >= shifted).nonzero().unbind(1)
     out = cpu_kernels.PairBuffer(3)  # far too small: the search grows it and redoes the block
     assert cpu_kernels.search(block, shifted, floor, 100, out, None)
@@ -154,7 +158,7 @@ def test_encode_pairs_gives_the_dense_pairs_and_pre_activations(kernels):
     xin, W, b = torch.randn(600, 24), torch.randn(24, SEARCH_GROUP * 8), torch.randn(SEARCH_GROUP * 8) * 0.1
     z = xin @ W + b
     floor = z.quantile(0.97, dim=0)  # about 4 % of each column, some rows with none
-    ids = torch.tensor([2, 50, SEARCH_GROUP * 8 - 1])
+    ids = torch.tensor([50, 2, SEARCH_GROUP * 8 - 1])  # not ascending: the columns come back in this order
     enc = encode_pairs(xin, W, b, floor, column_ids=ids)
     r, c = (z >= floor).nonzero().unbind(1)
     assert torch.equal(enc.rows, r) and torch.equal(enc.cols, c)

@@ -260,7 +260,8 @@ class JumpReLU(Dictionary):
                                     self.prefix_ends)
         sparsity, freq = self._sparsity(f, z, th, x.shape[0], cols)
         active = z.detach() > th
-        counts = torch.bincount(cols[active], minlength=self.cfg.d_sae)
+        # index_add rather than bincount(cols[active]): a boolean index is a nonzero and a gather over every pair
+        counts = torch.zeros(self.cfg.d_sae, dtype=torch.long, device=cols.device).index_add_(0, cols, active.long())
         aux = self._aux(enc.columns, rec.err, dead,
                         lambda r, c, v: GatheredPre.apply(xin, self.W_enc, self.b_enc, v, r, c, None))
         loss = rec.loss + sparsity_coeff * sparsity + freq + self._pre_act(xin, dead)

@@ -10,13 +10,15 @@ functions compute the same values and gradients from those pairs alone:
   gradients through a sparse ``[d_sae × batch] @ [batch × d_in]`` product (the encoder's forward
   matmul stays dense: every pre-activation must be seen to know which are active), and a b_dec
   subtracted from the input its gradient from one matrix-vector product.
-* :func:`encode_pairs` — JumpReLU's encoder product block by block of rows, each block searched for the
-  pairs at or above the thresholds while it is in cache, so the dense pre-activations are never written whole.
+* :func:`encode_pairs` — JumpReLU's encoder product block by block (on a CPU, tiles of rows and latents that fit
+  in L2), each block searched for the pairs at or above the thresholds while it is in cache, so the dense
+  pre-activations are never written whole.
 * :class:`SparseDecode` — x̂ = Σ f·W_dec over the pairs (``embedding_bag``); backward gives the
   codes' gradient by a sampled dense-dense product and W_dec's by a sparse product.
 
 On a CPU the search, the decoder's forward and backward and W_enc's gradient run as compiled loops
-(``scope/dictionaries/cpu_kernels.py``), one sweep each; the torch code here is their reference and the GPU path.
+(``scope/dictionaries/cpu_kernels.py``), one sweep each, and decoding and W_enc's gradient skip the pairs whose
+value is zero (JumpReLU's window pairs below θ); the torch code here is their reference and the GPU path.
 The plain eager path (``loss(..., sparse=False)``) stays as the reference of both; tests compare them.
 """
 
@@ -85,10 +87,11 @@ class GatheredPre(torch.autograd.Function):
         x, W_enc, rows, cols = ctx.saved_tensors
         grad = grad.to(x.dtype)
         if (loops := _cpu_loops(x, W_enc, grad)) is not None:
+            rows, cols, grad = loops.nonzero(rows, cols, grad)  # JumpReLU's inactive window pairs: no gradient to z
             grad_W_enc, grad_b_enc = loops.transpose_times(rows, cols, grad, W_enc.shape[1], x)
         else:
             grad_b_enc = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
-            rows, cols, grad = _nonzero(rows, cols, grad)  # JumpReLU's inactive window pairs pass no gradient to z
+            rows, cols, grad = _nonzero(rows, cols, grad)  # JumpReLU's inactive window pairs: no gradient to z
             grad_W_enc = _transpose_times(rows, cols, grad, x.shape[0], W_enc.shape[1], x).T
         grad_shift = -(W_enc @ grad_b_enc) if ctx.needs_input_grad[6] else None
         return None, grad_W_enc, grad_b_enc, None, None, None, grad_shift
@@ -151,29 +154,29 @@ def encode_pairs(xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, fl
                  column_ids: torch.Tensor | None = None, max_pairs: int | None = None) -> Pairs | None:
     """The pairs where z = xin W_enc + b_enc ≥ ``floor`` (one value per latent), without autograd.
 
-    The encoder product runs in blocks of rows; each block has ``floor − b_enc`` taken off in place (z ≥ floor
-    exactly where the difference is ≥ 0, and the pairs' z is the difference plus ``floor``) and is searched
-    while it is in cache (on a CPU the compiled ``cpu_kernels.search`` compares and gathers in one sweep instead),
-    so the [batch × d_sae] pre-activations are never written whole. ``column_ids`` also returns those columns of z
-    whole (AuxK ranks the dead latents' pre-activations). None as soon as there are more than ``max_pairs`` pairs:
-    the caller's dense path is cheaper then.
+    The encoder product runs in blocks; each block is searched for z ≥ floor, that is z − (floor − b_enc) ≥ 0, while
+    it is in cache (the pairs' z is that difference plus ``floor``), so the [batch × d_sae] pre-activations are never
+    written whole. On a CPU with the compiled loops the blocks are tiles of rows and columns that fit in L2
+    (``cpu_kernels.encode``); otherwise blocks of rows searched by torch. ``column_ids`` also returns those columns
+    of z whole (AuxK ranks the dead latents' pre-activations). None as soon as there are more than ``max_pairs``
+    pairs: the caller's dense path is cheaper then.
     """
     floor = floor.float()
     shifted = floor - b_enc.float()
     width = W_enc.shape[1]
+    if (loops := _cpu_loops(xin, W_enc)) is not None:
+        found = loops.encode(xin, W_enc, shifted, floor, column_ids, max_pairs)
+        if found is None:
+            return None
+        out, columns = found
+        whole = None if columns is None else columns + floor[column_ids]
+        return Pairs(*out.tensors(), whole)
     rows, cols, values, columns, found = [], [], [], [], 0
     step = BLOCK_ROWS if xin.device.type == "cpu" else max(1, xin.shape[0])
-    loops = _cpu_loops(xin, W_enc)
-    if loops is not None:
-        out = loops.PairBuffer(max_pairs + 1 if max_pairs is not None else 64 * xin.shape[0])
     for start in range(0, xin.shape[0], step):
         block = (xin[start:start + step] @ W_enc).float()
         if column_ids is not None:
             columns.append(block.index_select(1, column_ids).sub_(shifted[column_ids]))
-        if loops is not None:  # one sweep compares, finds and gathers; the block stays unshifted
-            if not loops.search(block, shifted, floor, start, out, max_pairs):
-                return None
-            continue
         block.sub_(shifted)
         flat = _at_or_above_zero(block)
         found += flat.shape[0]
@@ -184,8 +187,6 @@ def encode_pairs(xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, fl
         cols.append(flat - r * width)
         values.append(block.view(-1)[flat])
     whole = None if column_ids is None else torch.cat(columns) + floor[column_ids]
-    if loops is not None:
-        return Pairs(*out.tensors(), whole)
     cols_all = torch.cat(cols)
     return Pairs(torch.cat(rows), cols_all, torch.cat(values) + floor[cols_all], whole)
 
@@ -197,9 +198,9 @@ class SparseDecode(torch.autograd.Function):
     def forward(ctx, vals, W_dec, rows, cols, batch):
         ctx.save_for_backward(vals, W_dec, rows, cols)
         ctx.batch = batch
-        if (loops := _cpu_loops(vals, W_dec)) is not None:  # zero values (window pairs below θ) add nothing there
-            return loops.decode(rows, cols, vals, W_dec, batch)
-        rows, cols, vals = _nonzero(rows, cols, vals)  # JumpReLU's window pairs below θ decode to nothing
+        if (loops := _cpu_loops(vals, W_dec)) is not None:  # JumpReLU's window pairs below θ decode to nothing
+            return loops.decode(*loops.nonzero(rows, cols, vals), W_dec, batch)
+        rows, cols, vals = _nonzero(rows, cols, vals)
         offsets = torch.zeros(batch, dtype=torch.long, device=rows.device)
         offsets[1:] = torch.bincount(rows, minlength=batch).cumsum(0)[:-1]
         return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals.to(W_dec.dtype))
