@@ -43,8 +43,9 @@ x@W_enc alone, the one product no exact encoder avoids. The target's ratio times
 right after each timed step, on that step's batch and updated weights, and reports the median of the per-step
 ratios: the machine's speed drifts within minutes, and a product timed in another process at another moment (the
 column "vs x@W_enc", from the bare-matmul process) moved the ratio by up to 0.6 between runs of the same code on
-2026-12-07; six products timed after all the steps still moved it by 0.2 (the same day, later). Every bare product writes into an output buffer allocated once, so its time is the product's and not
-the page faults of a fresh [batch × d_sae] result (20-30 % of the product on this machine that day).
+2026-12-07; six products timed after all the steps still moved it by 0.2-0.4 (the same day, later). Every bare
+product writes into an output buffer allocated once, so its time is the product's and not the page faults of a
+fresh [batch × d_sae] result (20-30 % of the product on this machine that day).
 
 On a CPU without native bf16 (AVX2 only) bf16 matmuls run ~20x slower than float32 in both libraries, so
 bf16 at full size there takes minutes per step; use ``--dtypes float32`` (or a GPU) for full-size runs.

@@ -11,8 +11,8 @@ Every kernel takes float32, C-contiguous CPU arrays and computes what its torch 
 ``scope/dictionaries/sparse.py`` computes, up to the order of float additions; the tests compare them.
 The column-major kernels write each latent's output from one loop iteration, so they run in parallel over
 latents without races (numba's ``prange``; torch's thread count is passed on). Where the pairs are dense enough,
-the three pair loops run in cache blocks of rows or latents (``_block``). The encoder's product runs in tiles that
-fit in L2, each searched with 16-lane comparison masks while it is there (``encode``).
+the three pair loops run in cache blocks of rows or latents (``_block``). The encoder's product runs in tiles of
+rows and latents, each searched with 16-lane comparison masks while it is in cache (``encode``).
 
 ``ENABLED`` is False when numba is missing or ``SCOPE_CPU_KERNELS=0``; sparse.py then uses torch alone.
 """

@@ -10,8 +10,8 @@ functions compute the same values and gradients from those pairs alone:
   gradients through a sparse ``[d_sae × batch] @ [batch × d_in]`` product (the encoder's forward
   matmul stays dense: every pre-activation must be seen to know which are active), and a b_dec
   subtracted from the input its gradient from one matrix-vector product.
-* :func:`encode_pairs` — JumpReLU's encoder product block by block (on a CPU, tiles of rows and latents that fit
-  in L2), each block searched for the pairs at or above the thresholds while it is in cache, so the dense
+* :func:`encode_pairs` — JumpReLU's encoder product block by block (on a CPU, tiles of rows and latents), each
+  block searched for the pairs at or above the thresholds while it is in cache, so the dense
   pre-activations are never written whole.
 * :class:`SparseDecode` — x̂ = Σ f·W_dec over the pairs (``embedding_bag``); backward gives the
   codes' gradient by a sampled dense-dense product and W_dec's by a sparse product.
@@ -154,9 +154,9 @@ def encode_pairs(xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, fl
                  column_ids: torch.Tensor | None = None, max_pairs: int | None = None) -> Pairs | None:
     """The pairs where z = xin W_enc + b_enc ≥ ``floor`` (one value per latent), without autograd.
 
-    The encoder product runs in blocks; each block is searched for z ≥ floor, that is z − (floor − b_enc) ≥ 0, while
-    it is in cache (the pairs' z is that difference plus ``floor``), so the [batch × d_sae] pre-activations are never
-    written whole. On a CPU with the compiled loops the blocks are tiles of rows and columns that fit in L2
+    The encoder product runs in blocks; each block is searched for z ≥ floor, that is z − (floor − b_enc) ≥ 0,
+    while it is in cache (the pairs' z is that difference plus ``floor``), so the [batch × d_sae] pre-activations
+    are never written whole. On a CPU with the compiled loops the blocks are tiles of rows and latents
     (``cpu_kernels.encode``); otherwise blocks of rows searched by torch. ``column_ids`` also returns those columns
     of z whole (AuxK ranks the dead latents' pre-activations). None as soon as there are more than ``max_pairs``
     pairs: the caller's dense path is cheaper then.
