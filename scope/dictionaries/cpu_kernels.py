@@ -111,22 +111,12 @@ def _search(block, shifted, floor, row0, col0, rows, cols, vals, n):  # pragma: 
 
 @_jit
 def _rows_in_order(rows, cols, vals, start, stop, row0, n_rows):  # pragma: no cover - compiled
-    # A stable counting sort by row of the pairs start..stop, which came tile by tile: pairs of one tile are
-    # row-major and the tiles ascend in column, so sorted by row alone they are row-major with ascending columns.
-    offsets = np.zeros(n_rows + 1, np.int64)
-    for p in range(start, stop):
-        offsets[rows[p] - row0 + 1] += 1
-    for i in range(n_rows):
-        offsets[i + 1] += offsets[i]
-    r2 = rows[start:stop].copy()
-    c2 = cols[start:stop].copy()
-    v2 = vals[start:stop].copy()
-    for p in range(stop - start):
-        q = start + offsets[r2[p] - row0]
-        offsets[r2[p] - row0] += 1
-        rows[q] = r2[p]
-        cols[q] = c2[p]
-        vals[q] = v2[p]
+    # The pairs start..stop came tile by tile: those of one tile are row-major and the tiles ascend in column, so a
+    # stable counting sort by row alone (_column_offsets, on the rows) makes them row-major with ascending columns.
+    order, _ = _column_offsets(rows[start:stop] - row0, n_rows)
+    rows[start:stop] = rows[start:stop][order]
+    cols[start:stop] = cols[start:stop][order]
+    vals[start:stop] = vals[start:stop][order]
 
 
 class PairBuffer:
@@ -185,7 +175,9 @@ def encode(xin: torch.Tensor, W_enc: torch.Tensor, shifted: torch.Tensor, floor:
     flat = torch.empty(TILE_ROWS * tile_cols)
     columns = None
     if column_ids is not None:
-        column_ids, order = column_ids.sort()  # each tile then fills one slice of ``columns``
+        order = None  # the trainer's dead latents come ascending; each tile then fills one slice of ``columns``
+        if column_ids.numel() > 1 and not bool((column_ids[1:] > column_ids[:-1]).all()):
+            column_ids, order = column_ids.sort()
         columns = torch.empty(n, column_ids.shape[0])
         bounds = torch.searchsorted(column_ids, torch.arange(0, width + tile_cols, tile_cols)).tolist()
     for r0 in range(0, n, TILE_ROWS):
@@ -202,7 +194,7 @@ def encode(xin: torch.Tensor, W_enc: torch.Tensor, shifted: torch.Tensor, floor:
                 return None
         if width > tile_cols:
             _rows_in_order(out.rows, out.cols, out.vals, start, out.n, r0, xr.shape[0])
-    if columns is not None:
+    if columns is not None and order is not None:
         columns = columns[:, order.argsort()]  # back in the caller's order of column_ids
     return out, columns
 

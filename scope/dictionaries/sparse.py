@@ -41,7 +41,11 @@ def _csr(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tupl
 
 
 def _nonzero(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The pairs whose value is not zero (still row-major): zero entries add nothing to a product."""
+    """The pairs whose value is not zero (still row-major): zero entries add nothing to a product.
+
+    On a CPU the compiled loop does it in one sweep (a boolean index is a ``nonzero`` and three gathers)."""
+    if (loops := _cpu_loops(rows, cols, vals)) is not None:
+        return loops.nonzero(rows, cols, vals)
     keep = vals != 0
     if bool(keep.all()):
         return rows, cols, vals
@@ -87,11 +91,11 @@ class GatheredPre(torch.autograd.Function):
         x, W_enc, rows, cols = ctx.saved_tensors
         grad = grad.to(x.dtype)
         if (loops := _cpu_loops(x, W_enc, grad)) is not None:
-            rows, cols, grad = loops.nonzero(rows, cols, grad)  # JumpReLU's inactive window pairs: no gradient to z
+            rows, cols, grad = _nonzero(rows, cols, grad)  # JumpReLU's inactive window pairs: no gradient to z
             grad_W_enc, grad_b_enc = loops.transpose_times(rows, cols, grad, W_enc.shape[1], x)
         else:
             grad_b_enc = torch.zeros(W_enc.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, cols, grad)
-            rows, cols, grad = _nonzero(rows, cols, grad)  # JumpReLU's inactive window pairs: no gradient to z
+            rows, cols, grad = _nonzero(rows, cols, grad)
             grad_W_enc = _transpose_times(rows, cols, grad, x.shape[0], W_enc.shape[1], x).T
         grad_shift = -(W_enc @ grad_b_enc) if ctx.needs_input_grad[6] else None
         return None, grad_W_enc, grad_b_enc, None, None, None, grad_shift
@@ -198,9 +202,9 @@ class SparseDecode(torch.autograd.Function):
     def forward(ctx, vals, W_dec, rows, cols, batch):
         ctx.save_for_backward(vals, W_dec, rows, cols)
         ctx.batch = batch
-        if (loops := _cpu_loops(vals, W_dec)) is not None:  # JumpReLU's window pairs below θ decode to nothing
-            return loops.decode(*loops.nonzero(rows, cols, vals), W_dec, batch)
-        rows, cols, vals = _nonzero(rows, cols, vals)
+        rows, cols, vals = _nonzero(rows, cols, vals)  # JumpReLU's window pairs below θ decode to nothing
+        if (loops := _cpu_loops(vals, W_dec)) is not None:
+            return loops.decode(rows, cols, vals, W_dec, batch)
         offsets = torch.zeros(batch, dtype=torch.long, device=rows.device)
         offsets[1:] = torch.bincount(rows, minlength=batch).cumsum(0)[:-1]
         return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals.to(W_dec.dtype))
