@@ -11,7 +11,8 @@ delta loss before and after with the paired change, and the paired gap between t
 Run:  python benchmarks/sae_finetune.py --config sae_configs/gemma-3-270m-res-l6-quality-10m-16k.yaml
           --out runs/quality-10m-16k --names jumprelu-btk80-eps2e-3,topk-clip [--lrs 1e-4,3e-4]
           [--tokens 16384] [--lm-tokens 16384] [--train decoder] [--figures docs/figures] [--no-eval] [--json]
-Each fine-tune lives in ``OUT/finetune/NAME+ftLR`` (``NAME+ftLR-all`` with ``--train all``) and resumes after a kill (re-run the same command).
+Each fine-tune lives in ``OUT/finetune/NAME+ftLR`` (``-all`` added with ``--train all``, ``-TOKENStok`` with a ``--tokens``
+other than 16384) and resumes after a kill (re-run the same command).
 ``--names NAME --lrs LR --no-eval`` runs one fine-tune, so that two can run side by side (one
 single-threaded process per core); the evaluation then finds them all.
 """
@@ -37,8 +38,13 @@ from scope.training.finetune import SAVED, FinetuneSettings, finetune
 FINETUNES = "finetune"
 
 
-def tuned_name(name: str, lr: float, train: str = "decoder") -> str:
-    return f"{name}+ft{lr:g}" + ("" if train == "decoder" else f"-{train}")
+DEFAULT_TOKENS = 16384
+
+
+def tuned_name(name: str, lr: float, train: str = "decoder", tokens: int = DEFAULT_TOKENS) -> str:
+    """``NAME+ftLR[-TRAIN][-TOKENStok]``: each fine-tune's settings get their own folder and evaluation entry."""
+    return (f"{name}+ft{lr:g}" + ("" if train == "decoder" else f"-{train}")
+            + ("" if tokens == DEFAULT_TOKENS else f"-{tokens}tok"))
 
 
 def run_finetunes(out: Path, store: ActivationStore, finals: dict[str, Path], lrs: list[float],
@@ -48,22 +54,29 @@ def run_finetunes(out: Path, store: ActivationStore, finals: dict[str, Path], lr
     done = {}
     for name, path in finals.items():
         for lr in lrs:
-            folder = out / FINETUNES / tuned_name(name, lr, settings.train)
-            if not (folder / "finetune.json").exists():
+            key = tuned_name(name, lr, settings.train, settings.tokens)
+            folder, wanted = out / FINETUNES / key, settings.model_copy(update={"lr": lr})
+            report = folder / "finetune.json"
+            if report.exists():
+                held = json.loads(report.read_text()).get("settings")
+                if held != wanted.model_dump():
+                    raise SystemExit(f"{folder} holds a finished fine-tune with settings {held}, not {wanted.model_dump()}; "
+                                     "move it away or pass the settings it was run with")
+            else:
                 print(f"fine-tuning {name} at lr {lr:g} -> {folder}", flush=True)
                 model = model or load_store_model(store)
-                finetune(load(path), model, store, folder, settings.model_copy(update={"lr": lr}))
-            done[tuned_name(name, lr, settings.train)] = folder / SAVED
+                finetune(load(path), model, store, folder, wanted)
+            done[key] = folder / SAVED
     return done
 
 
-def rows(cache: dict, final: dict[str, str], lrs: list[float], train: str) -> list[dict]:
+def rows(cache: dict, final: dict[str, str], lrs: list[float], train: str, tokens: int) -> list[dict]:
     """One row per fine-tuned SAE: L0, delta loss before and after, and the paired change."""
     out = []
     for name, key in final.items():
         before = cache[key]
         for lr in lrs:
-            after = cache.get(tuned_name(name, lr, train))
+            after = cache.get(tuned_name(name, lr, train, tokens))
             if after is None:
                 continue
             change, se = paired_difference(before["lm"], after["lm"])
@@ -107,7 +120,7 @@ def main() -> None:
                       "runs/quality-10m-16k")
     ap.add_argument("--names", required=True, help="final dictionaries of the study to fine-tune (comma-separated)")
     ap.add_argument("--lrs", default="1e-4", help="learning rates (comma-separated)")
-    ap.add_argument("--tokens", type=int, default=16384, help="LM tokens per fine-tune")
+    ap.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="LM tokens per fine-tune")
     ap.add_argument("--train", default="decoder", choices=["decoder", "all"])
     ap.add_argument("--lm-tokens", type=int, default=16384)
     ap.add_argument("--figures", default=None, help="also copy the figure's HTML into this folder (e.g. docs/figures)")
@@ -132,14 +145,14 @@ def main() -> None:
     held_out = store.split(args.held_out, seed=0)[1]
     final = {n: f"{n}@{total_steps}" for n in names}
     cache = evaluate_cached(out / EVALS, {**{final[n]: finals[n] for n in names}, **tuned}, held_out, args.lm_tokens)
-    results = rows(cache, final, lrs, args.train)
+    results = rows(cache, final, lrs, args.train, args.tokens)
     gaps = []
     if len(names) >= 2:
         a, b = names[:2]
         gap, se = paired_difference(cache[final[a]]["lm"], cache[final[b]]["lm"])
         gaps.append({"a": a, "b": b, "when": "before", "gap": gap, "se": se})
         for lr in lrs:
-            ta, tb = tuned_name(a, lr, args.train), tuned_name(b, lr, args.train)
+            ta, tb = tuned_name(a, lr, args.train, args.tokens), tuned_name(b, lr, args.train, args.tokens)
             if ta in cache and tb in cache:
                 gap, se = paired_difference(cache[ta]["lm"], cache[tb]["lm"])
                 gaps.append({"a": ta, "b": tb, "when": f"both fine-tuned at lr {lr:g}", "gap": gap, "se": se})

@@ -288,8 +288,8 @@ def test_jumprelu_batchtopk_phase_trains_as_batchtopk_then_hands_over_to_its_own
     ({"kind": "jumprelu", "sparsity_coeff": 1.0, "matryoshka_widths": [32, 16]}, "must increase strictly"),
     ({"kind": "jumprelu", "sparsity_coeff": 1.0, "matryoshka_widths": [16, 128]}, "must increase strictly"),
     ({"kind": "icfl", "matryoshka_widths": [16]}, "matryoshka_widths \\[16\\] is read only by jumprelu and topk"),
-    ({"kind": "jumprelu", "sparsity_coeff": 1.0, "batchtopk_steps": 10}, "batchtopk_steps 10 needs target_l0"),
-    ({"kind": "topk", "k": 8, "batchtopk_steps": 10}, "and kind jumprelu"),
+    ({"kind": "jumprelu", "sparsity_coeff": 1.0, "batchtopk_steps": 10}, "batchtopk_steps 10 needs a target_l0"),
+    ({"kind": "topk", "k": 8, "batchtopk_steps": 10}, "batchtopk_steps 10 is read only by jumprelu dictionaries"),
     ({"kind": "topk", "k": 8, "row_cap": 32}, "row_cap 32 caps a BatchTopK selection"),
     ({"kind": "jumprelu", "sparsity_coeff": 1.0, "target_l0": 8, "row_cap": 32}, "needs kind jumprelu with batchtopk"),
     ({"kind": "topk", "k": 8, "selection": "batch", "row_cap": 4}, "row_cap 4 is below k = 8"),
@@ -299,10 +299,19 @@ def test_jumprelu_batchtopk_phase_trains_as_batchtopk_then_hands_over_to_its_own
      "resample_every 100 is shorter than trainer.dead_window_steps 1000.*at least 1000"),
     ({"kind": "icfl", "resample_every": 1000}, "needs kind jumprelu, topk or relu \\(this one is icfl\\)"),
     ({"kind": "topk", "k": 8, "resample_until": 50}, "resample_until 50 needs resample_every"),
+    ({"kind": "batchtopk", "k": 8, "selection": "exact"}, "kind batchtopk selects over the batch.*got 'exact'"),
+    ({"kind": "matryoshka_batchtopk", "k": 8}, "kind matryoshka_batchtopk needs matryoshka_widths"),
 ])
 def test_bad_recipe_options_are_clear_errors(bad, message):
     with pytest.raises(ScopeError, match=message):
         load_config(data={"store": "s", "trainer": {"total_tokens": 1000}, "dictionaries": [{"d_sae": 64, **bad}]})
+
+
+@pytest.mark.parametrize("kind,extra", [("batchtopk", {}), ("matryoshka_batchtopk", {"matryoshka_widths": [16, 64]})])
+def test_saelens_batchtopk_kind_names_read_as_topk_with_a_batch_selection(kind, extra):
+    spec = load_config(data={"store": "s", "trainer": {"total_tokens": 1000},
+                             "dictionaries": [{"kind": kind, "d_sae": 64, "k": 8, **extra}]}).dictionaries[0]
+    assert (spec.kind, spec.selection, spec.matryoshka_widths) == ("topk", "batch", extra.get("matryoshka_widths"))
 
 
 # --- epochs -----------------------------------------------------------------------------------------------

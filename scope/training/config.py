@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from scope.dictionaries.matryoshka import prefix_ends
 from scope.dictionaries.whitening import WhiteningSpec
@@ -25,6 +25,10 @@ class _Strict(BaseModel):
 
 # Adam's decay rates: torch refuses anything outside [0, 1) only once the optimizer is built, mid-run.
 Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+# SAELens's architecture names for a BatchTopK SAE, accepted as `kind` and read as kind topk, selection batch.
+_BATCHTOPK_KINDS = ("batchtopk", "matryoshka_batchtopk")
 
 
 class DictSpec(_Strict):
@@ -87,6 +91,21 @@ class DictSpec(_Strict):
         False, description="a latent that gets no gradient in a step keeps its Adam second moment (needs β1 = 0; "
                            "scope/training/lazy_adam.py): a rarely firing latent moves ~lr when it fires, not lr/√p")
     apply_b_dec_to_input: bool | None = Field(None, description="subtract b_dec before encoding (default: per kind)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _saelens_kind_names(cls, data: Any) -> Any:
+        # SAELens names BatchTopK SAEs as architectures of their own; here they are TopK with a batch selection.
+        if not isinstance(data, dict) or data.get("kind") not in _BATCHTOPK_KINDS:
+            return data
+        kind = data["kind"]
+        if data.get("selection", "batch") != "batch":
+            raise ValueError(f"kind {kind} selects over the batch, so its selection can only be batch "
+                             f"(got {data['selection']!r}); use kind: topk for selection {data['selection']}")
+        if kind == "matryoshka_batchtopk" and not data.get("matryoshka_widths"):
+            raise ValueError("kind matryoshka_batchtopk needs matryoshka_widths, the nested prefix widths, "
+                             "e.g. [128, 512, 2048] for d_sae 4096")
+        return {**data, "kind": "topk", "selection": "batch"}
 
     @field_validator("name")
     @classmethod
@@ -196,10 +215,9 @@ class TrainConfig(_Strict):
             if d.sparsity_loss == "quadratic" and not (d.target_l0 and d.target_l0 < d.d_sae):
                 raise ScopeError(f"dictionary {d.label()!r}: sparsity_loss quadratic needs a `target_l0` below "
                                  f"d_sae ({d.d_sae})")
-            if d.batchtopk_steps and not (d.family() == "jumprelu" and d.target_l0 and d.target_l0 < d.d_sae):
-                raise ScopeError(f"dictionary {d.label()!r}: batchtopk_steps {d.batchtopk_steps} needs target_l0 "
-                                 f"below d_sae ({d.d_sae}), the k of the BatchTopK phase, and kind jumprelu "
-                                 f"(this one is {d.family()})")
+            if d.batchtopk_steps and not (d.target_l0 and d.target_l0 < d.d_sae):
+                raise ScopeError(f"dictionary {d.label()!r}: batchtopk_steps {d.batchtopk_steps} needs a target_l0 "
+                                 f"below d_sae ({d.d_sae}): it is the k of the BatchTopK phase")
             if d.row_cap is not None:
                 batch = d.batchtopk_steps if d.family() == "jumprelu" else (
                     d.family() == "topk" and (d.selection == "batch" or d.activation == "batchtopk"))
@@ -256,7 +274,7 @@ class TrainConfig(_Strict):
 _JUMPRELU, _TOPK = ("jumprelu",), ("topk",)
 _FIELD_FAMILIES: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(["bandwidth", "threshold_init", "sparsity_loss", "tanh_scale", "target_l0", "pre_act_coeff",
-                     "pre_act_on", "freq_coeff", "freq_max", "threshold_lr", "init_l0"], _JUMPRELU),
+                     "pre_act_on", "freq_coeff", "freq_max", "threshold_lr", "init_l0", "batchtopk_steps"], _JUMPRELU),
     **dict.fromkeys(["k", "selection", "dead_after_tokens", "aux_b_dec"], _TOPK),
     **dict.fromkeys(["aux_k", "aux_coeff", "matryoshka_widths"], _JUMPRELU + _TOPK),
     "sparsity_coeff": ("jumprelu", "relu"),
