@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -14,7 +15,7 @@ from scope.dictionaries import build
 from scope.errors import ScopeError
 from scope.evals import (evaluate, frontier_figure, lm_loss_on_windows, lm_losses_on_windows, reconstruction_metrics,
                          spliced_lm_loss, store_windows, write_frontier)
-from scope.evals.lm_loss import _replacement, paired_difference, ratio_se
+from scope.evals.lm_loss import _kl_sum, _log_probs, _replacement, paired_difference, ratio_se
 from scope.store import ActivationStore
 from scope.store.fs import StoreFS
 from scope.store.manifest import Manifest, SourceInfo, StoreConfig, write_documents, write_manifest
@@ -248,6 +249,37 @@ def test_a_sweep_shares_the_clean_and_zero_runs_and_gives_each_sae_its_own_numbe
     assert 0 < both["bad"].delta_loss_se < both["bad"].delta_loss
     diff, se = paired_difference(both["good"].to_dict(), bad_d)
     assert diff == pytest.approx(both["bad"].delta_loss - both["good"].delta_loss, rel=1e-9) and se > 0
+
+
+def test_log_probs_and_kl_slice_by_slice_equal_the_whole_batch_formulas():
+    # Sizes that do not divide into the slices; padded positions (keep False) must not count.
+    torch.manual_seed(0)
+    logits = torch.randn(3, 11, 50) * 4
+    other = logits + torch.randn(3, 11, 50)
+
+    class _Bridge:
+        def __init__(self, out):
+            self.out = out
+
+        def hooks(self, fwd_hooks):
+            return contextlib.nullcontext()
+
+        def __call__(self, toks, attention_mask):
+            return self.out.clone()
+
+    class _Model:
+        bridge = _Bridge(logits)
+
+    toks = torch.zeros(3, 11, dtype=torch.long)
+    lp = _log_probs(_Model(), toks, toks, [])
+    torch.testing.assert_close(lp, logits.log_softmax(-1))
+    lq = other.log_softmax(-1)
+    keep = torch.ones(3, 10, dtype=torch.bool)
+    keep[1, 6:] = False
+    keep[2, :] = False
+    p = lp[:, :-1][keep]
+    expected = float((p.exp() * (p - lq[:, :-1][keep])).sum())
+    assert _kl_sum(lp, lq, keep) == pytest.approx(expected, rel=1e-6)
 
 
 def test_the_delta_loss_standard_error_and_the_paired_difference_by_hand():
