@@ -104,13 +104,14 @@ def table(results: list[dict], gaps: list[dict], lm_tokens: int, settings: Finet
     return "\n".join(lines)
 
 
-def figure(results: list[dict]) -> go.Figure:
+def figure(results: list[dict], settings: FinetuneSettings) -> go.Figure:
     fig = go.Figure()
     labels = [f"{r['name']} (lr {r['lr']:g})" for r in results]
     for when in ("before", "after"):
         fig.add_bar(name=when, x=labels, y=[r[f"delta_{when}"] for r in results],
                     error_y={"type": "data", "array": [r[f"delta_{when}_se"] for r in results]})
-    fig.update_layout(title="Delta loss on held-out documents before and after the KL + MSE fine-tune (same L0)",
+    fig.update_layout(title=f"Delta loss on held-out documents before and after the KL + MSE fine-tune "
+                            f"({settings.tokens:,} LM tokens, train {settings.train})",
                       yaxis_title="delta loss (nats)", barmode="group")
     return fig
 
@@ -158,7 +159,7 @@ def main() -> None:
                 gaps.append({"a": ta, "b": tb, "when": f"both fine-tuned at lr {lr:g}", "gap": gap, "se": se})
     written = write_results(str(out), "finetune.json", {"settings": settings.model_dump(), "lrs": lrs,
                                                         "results": results, "gaps": gaps},
-                            {"sae_finetune": figure(results)})
+                            {"sae_finetune": figure(results, settings)})
     if args.figures:
         shutil.copy(written["sae_finetune"], Path(args.figures) / "sae_finetune.html")
     md = table(results, gaps, args.lm_tokens, settings)
