@@ -14,7 +14,7 @@ from scope.errors import ScopeError
 from scope.evals import lm_loss_on_windows
 from scope.training import load_config, train
 from scope.training import finetune as finetune_module
-from scope.training.finetune import FinetuneSettings, _windows, finetune, unfold_input_scale
+from scope.training.finetune import FinetuneSettings, _mean_kl, _windows, finetune, unfold_input_scale
 
 HOOK = "blocks.6.hook_resid_post"
 pytestmark = pytest.mark.real_model
@@ -138,3 +138,23 @@ def test_scope_finetune_cli_reports_the_paired_change_and_rejects_bad_flags(smal
     empty = CliRunner().invoke(app, ["finetune", trained["topk"], "--store", small_store.url, "--out",
                                      str(tmp_path / "y"), "--held-out", "0.01"])
     assert empty.exit_code == 2 and "--lm-tokens 0" in empty.output and not (tmp_path / "y").exists(), empty.output
+
+
+def test_the_slice_by_slice_kl_and_its_gradient_equal_autograds_whole_batch_kl():
+    # Slices that do not divide the positions, and padded positions (keep False) that must get no gradient.
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 9, 37) * 3).requires_grad_()
+    lp_clean = (torch.randn(3, 9, 37) * 2).log_softmax(-1)
+    keep = torch.ones(3, 8, dtype=torch.bool)
+    keep[1, 5:] = False
+    keep[2, :2] = False
+    per_position = torch.nn.functional.kl_div(logits.log_softmax(-1)[:, :-1], lp_clean[:, :-1], log_target=True,
+                                              reduction="none").sum(-1)
+    expected = per_position[keep].sum() / keep.sum()
+    (want,) = torch.autograd.grad(2.5 * expected, logits)
+    got_kl = _mean_kl(logits, lp_clean, keep)
+    (got,) = torch.autograd.grad(2.5 * got_kl, logits)
+    torch.testing.assert_close(got_kl, expected)
+    torch.testing.assert_close(got, want)
+    assert got[1, 5:].abs().sum() == 0 and got[2, :2].abs().sum() == 0 and got[:, -1].abs().sum() == 0
+
