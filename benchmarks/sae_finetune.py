@@ -11,8 +11,8 @@ delta loss before and after with the paired change, and the paired gap between t
 Run:  python benchmarks/sae_finetune.py --config sae_configs/gemma-3-270m-res-l6-quality-10m-16k.yaml
           --out runs/quality-10m-16k --names jumprelu-btk80-eps2e-3,topk-clip [--lrs 1e-4,3e-4]
           [--tokens 16384] [--lm-tokens 16384] [--train decoder] [--figures docs/figures] [--no-eval] [--json]
-Each fine-tune lives in ``OUT/finetune/NAME+ftLR`` (``-all`` added with ``--train all``, ``-TOKENStok`` with a ``--tokens``
-other than 16384) and resumes after a kill (re-run the same command).
+Each fine-tune lives in ``OUT/finetune/NAME+ftLR`` (``-all`` added with ``--train all``, ``-TOKENStok`` with a
+``--tokens`` other than 16384) and resumes after a kill (re-run the same command).
 ``--names NAME --lrs LR --no-eval`` runs one fine-tune, so that two can run side by side (one
 single-threaded process per core); the evaluation then finds them all.
 """
@@ -60,8 +60,8 @@ def run_finetunes(out: Path, store: ActivationStore, finals: dict[str, Path], lr
             if report.exists():
                 held = json.loads(report.read_text()).get("settings")
                 if held != wanted.model_dump():
-                    raise SystemExit(f"{folder} holds a finished fine-tune with settings {held}, not {wanted.model_dump()}; "
-                                     "move it away or pass the settings it was run with")
+                    raise SystemExit(f"{folder} holds a finished fine-tune with settings {held}, not "
+                                     f"{wanted.model_dump()}; move it away or pass the settings it was run with")
             else:
                 print(f"fine-tuning {name} at lr {lr:g} -> {folder}", flush=True)
                 model = model or load_store_model(store)

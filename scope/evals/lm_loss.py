@@ -32,7 +32,7 @@ from scope.dictionaries.base import Dictionary
 from scope.errors import ScopeError
 from scope.evals.reconstruction import resolve_hook
 from scope.hooks import check_hooks
-from scope.models import LoadedModel
+from scope.models import VOCAB_SLICE, LoadedModel, log_softmax_
 from scope.store.reader import ActivationStore
 from scope.store.windows import padded_batches, store_windows
 
@@ -111,21 +111,12 @@ def written_hook(sae: Dictionary, hook: str) -> str:
     return sae.output_hook if writes_elsewhere(sae) else hook
 
 
-# Positions per slice of the [.., vocab] passes. On one slice the temporaries (exp, differences) are a few MiB and
-# stay in cache; over a whole batch they were 0.5 GiB each, and on 2 CPU cores those passes took 4-5x as long as
-# they do slice by slice (and as long as the model's forward pass itself).
-_SLICE = 4
-
-
 def _log_probs(model: LoadedModel, toks: torch.Tensor, mask: torch.Tensor,
                hooks: list[tuple[str, Callable[..., torch.Tensor]]]) -> torch.Tensor:
     """Float32 log-probabilities ``[batch, pos, vocab]``, normalised in place to keep one copy."""
     with model.bridge.hooks(fwd_hooks=hooks):
         logits = model.bridge(toks, attention_mask=mask)
-    lp = logits.float().contiguous()
-    for rows in lp.view(-1, lp.shape[-1]).split(_SLICE):
-        rows -= rows.logsumexp(-1, keepdim=True)
-    return lp
+    return log_softmax_(logits.float().contiguous())
 
 
 def _nll_rows(lp: torch.Tensor, toks: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -138,8 +129,8 @@ def _kl_sum(lp_p: torch.Tensor, lp_q: torch.Tensor, keep: torch.Tensor) -> float
     """Σ KL(p ‖ q) over the kept positions, a few positions at a time to keep the temporaries in cache."""
     total = 0.0
     for r in range(lp_p.shape[0]):
-        per_position = torch.cat([(p.exp() * (p - q)).sum(-1)
-                                  for p, q in zip(lp_p[r, :-1].split(_SLICE), lp_q[r, :-1].split(_SLICE))])
+        slices = zip(lp_p[r, :-1].split(VOCAB_SLICE), lp_q[r, :-1].split(VOCAB_SLICE))
+        per_position = torch.cat([(p.exp() * (p - q)).sum(-1) for p, q in slices])
         total += float(torch.where(keep[r], per_position.double(), 0.0).sum())
     return total
 

@@ -45,7 +45,7 @@ from scope.dictionaries.base import Dictionary
 from scope.errors import ScopeError
 from scope.files import read_json, read_safetensors
 from scope.hooks import check_hooks
-from scope.models import LoadedModel, frozen_weights
+from scope.models import VOCAB_SLICE, LoadedModel, frozen_weights, log_softmax_
 from scope.store import ActivationStore
 from scope.store.fs import replace_folder
 from scope.store.windows import padded_batches, store_windows
@@ -136,13 +136,8 @@ def _logits(model: LoadedModel, toks: torch.Tensor, mask: torch.Tensor,
         return model.bridge(toks, attention_mask=mask).float()
 
 
-# Predicted positions per slice of the [.., vocab] passes of the KL: a slice's temporaries are a few MiB and stay in
-# cache, where whole-batch log_softmax and kl_div (and their backward) each wrote 0.5 GiB on a 262k vocabulary.
-_SLICE = 4
-
-
 class _KLToClean(torch.autograd.Function):
-    """Σₖ wₖ KL(p_k ‖ softmax(zₖ)) over predicted positions k, computed and differentiated a slice at a time.
+    """Σₖ wₖ KL(p_k ‖ softmax(zₖ)) over predicted positions k, computed and differentiated a few at a time.
 
     The gradient with respect to the logits is wₖ (softmax(zₖ) − p_k), since p_k sums to one.
     """
@@ -150,7 +145,7 @@ class _KLToClean(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, lp_clean: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64, device=logits.device)
-        for z, lp, w in zip(logits.split(_SLICE), lp_clean.split(_SLICE), weight.split(_SLICE)):
+        for z, lp, w in zip(*(t.split(VOCAB_SLICE) for t in (logits, lp_clean, weight))):
             total += ((lp.exp() * (lp - z.log_softmax(-1))).sum(-1).double() * w).sum()
         ctx.save_for_backward(logits, lp_clean, weight)
         return total.float()
@@ -159,7 +154,7 @@ class _KLToClean(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         logits, lp_clean, weight = ctx.saved_tensors
         out = torch.empty_like(logits)
-        for g, z, lp, w in zip(out.split(_SLICE), logits.split(_SLICE), lp_clean.split(_SLICE), weight.split(_SLICE)):
+        for g, z, lp, w in zip(*(t.split(VOCAB_SLICE) for t in (out, logits, lp_clean, weight))):
             torch.mul(z.softmax(-1) - lp.exp(), (w * grad)[:, None], out=g)
         return out, None, None
 
@@ -180,9 +175,7 @@ def _step_loss(sae: Dictionary, model: LoadedModel, hook: str, toks: torch.Tenso
     if not splice_bos:
         spliced[:, 0] = False
     with torch.no_grad():
-        lp_clean = _logits(model, toks, mask, [])
-        for rows in lp_clean.view(-1, lp_clean.shape[-1]).split(_SLICE):
-            rows -= rows.logsumexp(-1, keepdim=True)
+        lp_clean = log_softmax_(_logits(model, toks, mask, []))
     seen: dict[str, torch.Tensor] = {}
 
     def replace(act: torch.Tensor, *, hook: Any) -> torch.Tensor:
