@@ -50,22 +50,16 @@ def tuned_name(name: str, lr: float, train: str = "decoder", tokens: int = DEFAU
 def run_finetunes(out: Path, store: ActivationStore, finals: dict[str, Path], lrs: list[float],
                   settings: FinetuneSettings) -> dict[str, Path]:
     """Fine-tune (or resume) each final dictionary at each learning rate; return the fine-tuned folders by name."""
-    model = None  # loaded only if a fine-tune is left to run
+    model = None
     done = {}
     for name, path in finals.items():
         for lr in lrs:
             key = tuned_name(name, lr, settings.train, settings.tokens)
-            folder, wanted = out / FINETUNES / key, settings.model_copy(update={"lr": lr})
-            report = folder / "finetune.json"
-            if report.exists():
-                held = json.loads(report.read_text()).get("settings")
-                if held != wanted.model_dump():
-                    raise SystemExit(f"{folder} holds a finished fine-tune with settings {held}, not "
-                                     f"{wanted.model_dump()}; move it away or pass the settings it was run with")
-            else:
-                print(f"fine-tuning {name} at lr {lr:g} -> {folder}", flush=True)
-                model = model or load_store_model(store)
-                finetune(load(path), model, store, folder, wanted)
+            folder = out / FINETUNES / key
+            print(f"fine-tuning {name} at lr {lr:g} -> {folder}", flush=True)
+            model = model or load_store_model(store)
+            # finetune() resumes the folder or finds it finished, and refuses one that holds other settings
+            finetune(load(path), model, store, folder, settings.model_copy(update={"lr": lr}))
             done[key] = folder / SAVED
     return done
 
