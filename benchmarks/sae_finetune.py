@@ -10,9 +10,11 @@ delta loss before and after with the paired change, and the paired gap between t
 
 Run:  python benchmarks/sae_finetune.py --config sae_configs/gemma-3-270m-res-l6-quality-10m-16k.yaml
           --out runs/quality-10m-16k --names jumprelu-btk80-eps2e-3,topk-clip [--lrs 1e-4,3e-4]
-          [--tokens 16384] [--lm-tokens 16384] [--train decoder] [--figures docs/figures] [--no-eval] [--json]
-Each fine-tune lives in ``OUT/finetune/NAME+ftLR`` (``-all`` added with ``--train all``, ``-TOKENStok`` with a
-``--tokens`` other than 16384) and resumes after a kill (re-run the same command).
+          [--tokens 16384] [--lm-tokens 16384] [--train decoder] [--threshold-lr 0] [--figures docs/figures]
+          [--no-eval] [--json]
+Each fine-tune lives in ``OUT/finetune/NAME+ftLR`` (``-all`` added with ``--train all``, ``-thLR`` to a JumpReLU's
+with ``--threshold-lr``, ``-TOKENStok`` with a ``--tokens`` other than 16384) and resumes after a kill (re-run the
+same command).
 ``--names NAME --lrs LR --no-eval`` runs one fine-tune, so that two can run side by side (one
 single-threaded process per core); the evaluation then finds them all.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -29,6 +32,8 @@ from sweep import EVALS, evaluate_cached, plus_minus, run_study, sweep_parser
 
 from scope.analysis.output import write_results
 from scope.dictionaries import load
+from scope.dictionaries.base import CONFIG
+from scope.files import read_json
 from scope.evals.lm_loss import paired_difference
 from scope.store import ActivationStore
 from scope.store.windows import load_store_model
@@ -41,10 +46,28 @@ FINETUNES = "finetune"
 DEFAULT_TOKENS = 16384
 
 
-def tuned_name(name: str, lr: float, train: str = "decoder", tokens: int = DEFAULT_TOKENS) -> str:
-    """``NAME+ftLR[-TRAIN][-TOKENStok]``: each fine-tune's settings get their own folder and evaluation entry."""
+def tuned_name(name: str, lr: float, train: str = "decoder", tokens: int = DEFAULT_TOKENS,
+               threshold_lr: float = 0.0) -> str:
+    """``NAME+ftLR[-TRAIN][-thLR][-TOKENStok]``: each fine-tune's settings get their own folder and evaluation entry."""
     return (f"{name}+ft{lr:g}" + ("" if train == "decoder" else f"-{train}")
+            + (f"-th{threshold_lr:g}" if threshold_lr else "")
             + ("" if tokens == DEFAULT_TOKENS else f"-{tokens}tok"))
+
+
+def own_settings(settings: FinetuneSettings, sae_path: Path) -> FinetuneSettings:
+    """The settings for one SAE: ``--threshold-lr`` applies to JumpReLUs only (the others have no thresholds)."""
+    if settings.threshold_lr and read_json(sae_path / CONFIG)["kind"] != "jumprelu":
+        return settings.model_copy(update={"threshold_lr": 0.0})
+    return settings
+
+
+def tuned_names(finals: dict[str, Path], lr: float, settings: FinetuneSettings) -> dict[str, str]:
+    """Each final dictionary's fine-tune name at learning rate ``lr``."""
+    out = {}
+    for name, path in finals.items():
+        s = own_settings(settings, path)
+        out[name] = tuned_name(name, lr, s.train, s.tokens, s.threshold_lr)
+    return out
 
 
 def run_finetunes(out: Path, store: ActivationStore, finals: dict[str, Path], lrs: list[float],
@@ -54,23 +77,23 @@ def run_finetunes(out: Path, store: ActivationStore, finals: dict[str, Path], lr
     done = {}
     for name, path in finals.items():
         for lr in lrs:
-            key = tuned_name(name, lr, settings.train, settings.tokens)
+            key = tuned_names({name: path}, lr, settings)[name]
             folder = out / FINETUNES / key
-            print(f"fine-tuning {name} at lr {lr:g} -> {folder}", flush=True)
+            print(f"fine-tuning {name} at lr {lr:g} -> {folder}", file=sys.stderr, flush=True)  # stdout: --json
             model = model or load_store_model(store)
             # finetune() resumes the folder or finds it finished, and refuses one that holds other settings
-            finetune(load(path), model, store, folder, settings.model_copy(update={"lr": lr}))
+            finetune(load(path), model, store, folder, own_settings(settings, path).model_copy(update={"lr": lr}))
             done[key] = folder / SAVED
     return done
 
 
-def rows(cache: dict, final: dict[str, str], lrs: list[float], train: str, tokens: int) -> list[dict]:
+def rows(cache: dict, final: dict[str, str], tuned: dict[float, dict[str, str]]) -> list[dict]:
     """One row per fine-tuned SAE: L0, delta loss before and after, and the paired change."""
     out = []
     for name, key in final.items():
         before = cache[key]
-        for lr in lrs:
-            after = cache.get(tuned_name(name, lr, train, tokens))
+        for lr, names in tuned.items():
+            after = cache.get(names[name])
             if after is None:
                 continue
             change, se = paired_difference(before["lm"], after["lm"])
@@ -84,7 +107,8 @@ def rows(cache: dict, final: dict[str, str], lrs: list[float], train: str, token
 
 
 def table(results: list[dict], gaps: list[dict], lm_tokens: int, settings: FinetuneSettings) -> str:
-    lines = [f"Fine-tune: {settings.tokens:,} LM tokens, train {settings.train}; held-out delta loss over "
+    thresholds = f", JumpReLU thresholds at lr {settings.threshold_lr:g}" if settings.threshold_lr else ""
+    lines = [f"Fine-tune: {settings.tokens:,} LM tokens, train {settings.train}{thresholds}; held-out delta loss over "
              f"{lm_tokens:,} LM tokens (paired on the same windows).", "",
              "| SAE | lr | L0 | FVU before → after | delta loss before | after | change (paired) | CE recovered after | KL after |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -105,7 +129,8 @@ def figure(results: list[dict], settings: FinetuneSettings) -> go.Figure:
         fig.add_bar(name=when, x=labels, y=[r[f"delta_{when}"] for r in results],
                     error_y={"type": "data", "array": [r[f"delta_{when}_se"] for r in results]})
     fig.update_layout(title=f"Delta loss on held-out documents before and after the KL + MSE fine-tune "
-                            f"({settings.tokens:,} LM tokens, train {settings.train})",
+                            f"({settings.tokens:,} LM tokens, train {settings.train}"
+                            + (f", thresholds at lr {settings.threshold_lr:g})" if settings.threshold_lr else ")"),
                       yaxis_title="delta loss (nats)", barmode="group")
     return fig
 
@@ -117,6 +142,9 @@ def main() -> None:
     ap.add_argument("--lrs", default="1e-4", help="learning rates (comma-separated)")
     ap.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="LM tokens per fine-tune")
     ap.add_argument("--train", default="decoder", choices=["decoder", "all"])
+    ap.add_argument("--threshold-lr", type=float, default=0.0,
+                    help="with --train all: the JumpReLUs' thresholds train at this learning rate, their L0 held by a "
+                         "penalty (the other SAEs fine-tune without it)")
     ap.add_argument("--lm-tokens", type=int, default=16384)
     ap.add_argument("--figures", default=None, help="also copy the figure's HTML into this folder (e.g. docs/figures)")
     ap.add_argument("--no-eval", action="store_true", help="fine-tune, then stop (runs side by side)")
@@ -133,21 +161,26 @@ def main() -> None:
         raise SystemExit(f"--names: no final dictionary {', '.join(missing)} in {out} or {out / PARTS} (train them "
                          f"with benchmarks/sae_quality.py --config {args.config} --out {out} first)")
     store = ActivationStore(cfg.store)
-    settings = FinetuneSettings(tokens=args.tokens, train=args.train, held_out=args.held_out)
+    try:
+        settings = FinetuneSettings(tokens=args.tokens, train=args.train, held_out=args.held_out,
+                                    threshold_lr=args.threshold_lr)
+    except ValueError as err:
+        raise SystemExit(f"bad fine-tune settings: {err}") from None
     tuned = run_finetunes(out, store, finals, lrs, settings)
     if args.no_eval:
         return
     held_out = store.split(args.held_out, seed=0)[1]
     final = {n: f"{n}@{total_steps}" for n in names}
     cache = evaluate_cached(out / EVALS, {**{final[n]: finals[n] for n in names}, **tuned}, held_out, args.lm_tokens)
-    results = rows(cache, final, lrs, args.train, args.tokens)
+    by_lr = {lr: tuned_names(finals, lr, settings) for lr in lrs}
+    results = rows(cache, final, by_lr)
     gaps = []
     if len(names) >= 2:
         a, b = names[:2]
         gap, se = paired_difference(cache[final[a]]["lm"], cache[final[b]]["lm"])
         gaps.append({"a": a, "b": b, "when": "before", "gap": gap, "se": se})
         for lr in lrs:
-            ta, tb = tuned_name(a, lr, args.train, args.tokens), tuned_name(b, lr, args.train, args.tokens)
+            ta, tb = by_lr[lr][a], by_lr[lr][b]
             if ta in cache and tb in cache:
                 gap, se = paired_difference(cache[ta]["lm"], cache[tb]["lm"])
                 gaps.append({"a": ta, "b": tb, "when": f"both fine-tuned at lr {lr:g}", "gap": gap, "se": se})

@@ -85,6 +85,55 @@ def test_all_parameters_move_the_encoder_but_not_a_jumprelus_thresholds(gemma, s
     torch.testing.assert_close(after.threshold, before.threshold, rtol=1e-6, atol=0)
 
 
+def test_trainable_codes_give_the_thresholds_traininglike_pseudo_derivatives():
+    from scope.dictionaries.jumprelu import JumpReLU, JumpReLUConfig
+
+    sae = JumpReLU(JumpReLUConfig(d_in=4, d_sae=3, bandwidth=0.2))
+    with torch.no_grad():
+        sae.threshold.copy_(torch.tensor([0.5, 1.0, 2.0]))
+    pre = torch.tensor([[0.45, 1.05, 3.0], [0.7, 0.95, 1.0]])
+    codes, l0 = sae.trainable_codes(pre)
+    torch.testing.assert_close(codes, torch.tensor([[0.0, 1.05, 3.0], [0.7, 0.0, 0.0]]))
+    assert float(l0) == 1.5  # 3 active of 2 rows
+    (codes.sum() + 10 * l0).backward()
+    # Inside the kernel window |z − θ| ≤ ε/2: −θ/ε per row from the code, −10/(ε·rows) from the mean L0;
+    # latent 0 has one row there, latent 1 two, latent 2 none.
+    eps = 0.2
+    expected = torch.tensor([-(0.5 / eps) - 10 / eps / 2, 2 * (-(1.0 / eps) - 10 / eps / 2), 0.0])
+    torch.testing.assert_close(sae.threshold.grad, expected)
+
+
+def test_threshold_finetune_moves_the_thresholds_and_its_penalty_pulls_l0_to_the_target(gemma, small_store, trained,
+                                                                                       tmp_path):
+    before = load(trained["jr"])
+    x = next(small_store.batches(HOOK, batch_size=512))
+    with torch.no_grad():
+        l0_before = float((before.encode(x) != 0).sum(-1).float().mean())
+    ends = {}
+    for target in (0.5 * l0_before, 2 * l0_before):
+        settings = FinetuneSettings(**{**SMALL, "tokens": 1024}, train="all", threshold_lr=3e-3, target_l0=target,
+                                    l0_coeff=100.0)
+        result = finetune(load(trained["jr"]), gemma, small_store, tmp_path / f"ft{target:g}", settings,
+                          progress=False)
+        after = load(result.path)
+        with torch.no_grad():
+            ends[target] = float((after.encode(x) != 0).sum(-1).float().mean())
+        moved = (after.threshold - before.threshold).abs()
+        assert float(moved.max()) > 1e-3, float(moved.max())
+        rows = [json.loads(line) for line in (tmp_path / f"ft{target:g}" / "metrics.jsonl").read_text().splitlines()]
+        assert all("threshold_mean" in r for r in rows)
+    low, high = sorted(ends)
+    assert ends[low] < l0_before < ends[high], (l0_before, ends)
+    with pytest.raises(ValueError, match="needs train 'all'"):
+        FinetuneSettings(**SMALL, threshold_lr=1e-5)
+    with pytest.raises(ScopeError, match="target_l0 300 is not a reachable L0"):
+        finetune(load(trained["jr"]), gemma, small_store, tmp_path / "far",
+                 FinetuneSettings(**SMALL, train="all", threshold_lr=1e-5, target_l0=300), progress=False)
+    with pytest.raises(ScopeError, match="topk, which has none"):
+        finetune(load(trained["topk"]), gemma, small_store, tmp_path / "topk",
+                 FinetuneSettings(**SMALL, train="all", threshold_lr=1e-5), progress=False)
+
+
 def test_a_killed_finetune_resumes_to_the_same_weights(gemma, small_store, trained, tmp_path, monkeypatch):
     settings = FinetuneSettings(**SMALL)
     whole = finetune(load(trained["jr"]), gemma, small_store, tmp_path / "whole", settings, progress=False)
@@ -135,6 +184,16 @@ def test_scope_finetune_cli_reports_the_paired_change_and_rejects_bad_flags(smal
     bad = CliRunner().invoke(app, ["finetune", trained["topk"], "--store", small_store.url, "--out",
                                    str(tmp_path / "x"), "--train", "encoder"])
     assert bad.exit_code == 2 and "--train" in bad.output and "decoder" in bad.output, bad.output
+    no_encoder = CliRunner().invoke(app, ["finetune", trained["jr"], "--store", small_store.url, "--out",
+                                          str(tmp_path / "z"), "--threshold-lr", "1e-5"])
+    assert no_encoder.exit_code == 2 and "needs --train 'all'" in no_encoder.output, no_encoder.output
+    no_thresholds = CliRunner().invoke(app, ["finetune", trained["jr"], "--store", small_store.url, "--out",
+                                             str(tmp_path / "v"), "--train", "all", "--target-l0", "20"])
+    assert no_thresholds.exit_code == 2 and "--threshold-lr above 0" in no_thresholds.output, no_thresholds.output
+    for flag, value in (("--threshold-lr", "-1"), ("--target-l0", "0"), ("--l0-coeff", "nan")):
+        bad = CliRunner().invoke(app, ["finetune", trained["jr"], "--store", small_store.url, "--out",
+                                       str(tmp_path / "w"), "--train", "all", flag, value])
+        assert bad.exit_code == 2 and flag in bad.output and value in bad.output, bad.output
     empty = CliRunner().invoke(app, ["finetune", trained["topk"], "--store", small_store.url, "--out",
                                      str(tmp_path / "y"), "--held-out", "0.01"])
     assert empty.exit_code == 2 and "--lm-tokens 0" in empty.output and not (tmp_path / "y").exists(), empty.output

@@ -5,6 +5,7 @@ The top-level commands here are plain functions; scope/cli/__init__.py adds them
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -138,6 +139,11 @@ def finetune(
     batch_windows: Annotated[int, typer.Option(help="Context windows per step.")] = 4,
     train_: Annotated[str, typer.Option("--train", help="decoder (codes and L0 unchanged) or all (the encoder too).")] = "decoder",
     mse_weight: Annotated[Optional[float], typer.Option(help="Weight of the FVU term (default: KL/FVU at the first step).")] = None,
+    threshold_lr: Annotated[float, typer.Option(help="With --train all: a JumpReLU's thresholds train too, at this "
+                                                     "learning rate, an L0 penalty holding its L0 (0: fixed).")] = 0.0,
+    target_l0: Annotated[Optional[float], typer.Option(help="The L0 that penalty holds (default: the SAE's target_l0, "
+                                                            "else its L0 at the first step).")] = None,
+    l0_coeff: Annotated[float, typer.Option(help="λ of that penalty, λ (L0/target − 1)².")] = 10.0,
     held_out: Annotated[float, typer.Option(help="Fraction of documents held out (split by document, seed 0).")] = 0.1,
     lm_tokens: Annotated[int, typer.Option(help="Held-out tokens to score the SAE before and after on (0: skip).")] = 4096,
     device: DeviceOpt = None,
@@ -159,9 +165,15 @@ def finetune(
 
     try:
         settings = FinetuneSettings(tokens=tokens, lr=lr, batch_windows=batch_windows, train=train_,
-                                    mse_weight=mse_weight, held_out=held_out)
+                                    mse_weight=mse_weight, held_out=held_out, threshold_lr=threshold_lr,
+                                    target_l0=target_l0, l0_coeff=l0_coeff)
     except ValidationError as err:
         bad = err.errors()[0]
+        if not bad["loc"]:  # a check across settings: its message names them, spelled here as flags
+            msg = bad["msg"].removeprefix("Value error, ")
+            for name in FinetuneSettings.model_fields:
+                msg = re.sub(rf"\b{name}\b", "--" + name.replace("_", "-"), msg)
+            raise ScopeError(msg) from None
         raise ScopeError(f"--{str(bad['loc'][0]).replace('_', '-')}: {bad['msg']} (got {bad.get('input')!r})") from None
     if lm_tokens < 0 or lm_tokens == 1:
         raise ScopeError(f"--lm-tokens must be 0 (skip) or at least 2, got {lm_tokens}")

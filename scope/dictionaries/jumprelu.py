@@ -226,6 +226,13 @@ class JumpReLU(Dictionary):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold.to(pre.dtype))
 
+    def trainable_codes(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, the batch's mean L0), both with θ's kernel pseudo-derivatives, as in training: what a loss
+        other than the trainer's (the KL fine-tune) needs to move θ."""
+        theta = self.threshold.to(pre.dtype)
+        codes = JumpReLUFn.apply(pre, theta, self.cfg.bandwidth)
+        return codes, StepFn.apply(pre, theta, self.cfg.bandwidth).sum(-1).mean()
+
     def loss(self, x: torch.Tensor, sparsity_coeff: float, sparse: bool = True,
              dead: torch.Tensor | None = None, target: torch.Tensor | None = None,
              step: int | None = None) -> LossParts:

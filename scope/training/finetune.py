@@ -11,7 +11,9 @@ over the batch's predicted positions, where FVU is the batch's squared error ove
 (``train: decoder``) only W_dec and b_dec move (where the encoder subtracts b_dec from its input, b_enc takes
 up each step of b_dec so that the pre-activations stay put): the codes, hence every latent's firing pattern and
 the L0, stay as trained (up to float rounding), so a fine-tuned SAE compares with another at the same L0. ``train: all`` moves the
-encoder too (a JumpReLU's thresholds stay fixed; L0 may drift and is reported).
+encoder too (a JumpReLU's thresholds stay fixed; L0 may drift and is reported). With ``threshold_lr`` a JumpReLU's
+thresholds θ train as well, through training's kernel pseudo-derivatives (Rajamanoharan et al. 2024, arXiv
+2407.14435), and Gemma Scope 2's quadratic penalty λ (L0/target_l0 − 1)² holds the L0 (it moves θ alone).
 
 α balances the two terms' scales: unless set, it is fixed at the first step so that α · FVU equals the KL
 there (both measured before any update). Positions the evaluation leaves alone are left alone here too:
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -70,6 +72,25 @@ class FinetuneSettings(BaseModel):
     held_out: float = Field(0.1, gt=0, lt=1, description="the store's held-out fraction: its documents are never used")
     seed: int = 0
     checkpoint_every: int = Field(10, gt=0, description="steps between checkpoints")
+    threshold_lr: float = Field(0.0, ge=0, description="a JumpReLU's thresholds θ: their Adam learning rate through "
+                                "training's pseudo-derivatives, with an L0 penalty (0: θ fixed); needs train=all")
+    target_l0: float | None = Field(None, gt=0, description="the L0 that penalty holds (default: the SAE's "
+                                    "target_l0, else its L0 at the first step)")
+    l0_coeff: float = Field(10.0, ge=0, description="λ of that penalty, λ (L0/target_l0 − 1)²")
+
+    @model_validator(mode="after")
+    def _thresholds_with_encoder(self) -> "FinetuneSettings":
+        if self.threshold_lr and self.train != "all":
+            raise ValueError(f"threshold_lr {self.threshold_lr:g} trains the thresholds with the encoder, so it "
+                             f"needs train 'all'; got train {self.train!r}")
+        if not self.threshold_lr and (self.target_l0 is not None or self.l0_coeff != type(self).model_fields["l0_coeff"].default):
+            raise ValueError("target_l0 and l0_coeff shape the L0 penalty of a threshold fine-tune; set "
+                             "threshold_lr above 0 (e.g. 1e-4, with train 'all') or leave them out")
+        return self
+
+
+# Settings added after the first fine-tunes: left out of the fingerprint at their defaults, so that those resume
+ADDED_SETTINGS = ("threshold_lr", "target_l0", "l0_coeff")
 
 
 @dataclass
@@ -93,18 +114,40 @@ class FinetuneResult:
 
 def _fingerprint(sae: Dictionary, settings: FinetuneSettings, store: ActivationStore) -> str:
     """Identifies a fine-tune: the starting weights, the settings and the store (a resume must match all three)."""
-    h = hashlib.sha256(settings.model_dump_json().encode() + store.manifest.config.model_dump_json().encode())
+    at_default = {k for k in ADDED_SETTINGS if getattr(settings, k) == FinetuneSettings.model_fields[k].default}
+    h = hashlib.sha256(settings.model_dump_json(exclude=at_default).encode()
+                       + store.manifest.config.model_dump_json().encode())
     for k, v in sorted(sae.state_dict().items()):
         h.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
 def trained_parameters(sae: Dictionary, train: str) -> list[torch.nn.Parameter]:
-    """The parameters a fine-tune moves: the decoder alone, or every one but a JumpReLU's thresholds."""
+    """The parameters a fine-tune moves at its learning rate: the decoder alone, or every one but a JumpReLU's
+    thresholds (which, if they move, have their own)."""
     named = dict(sae.named_parameters())
     if train == "decoder":
         return [named[k] for k in ("W_dec", "b_dec") if k in named]
     return [p for k, p in named.items() if "threshold" not in k]
+
+
+def _target_l0(sae: Dictionary, s: FinetuneSettings) -> float | None:
+    """The L0 a threshold fine-tune holds: the settings', else the SAE's own target (None: its L0 at step 0)."""
+    return s.target_l0 or getattr(sae.cfg, "target_l0", None)
+
+
+def _param_groups(sae: Dictionary, s: FinetuneSettings) -> list[dict]:
+    groups = [{"params": trained_parameters(sae, s.train), "base_lr": s.lr}]
+    if s.threshold_lr:
+        if not hasattr(sae, "trainable_codes"):
+            raise ScopeError(f"threshold_lr {s.threshold_lr} trains a JumpReLU's thresholds; this SAE is "
+                             f"{sae.cfg.kind}, which has none: leave threshold_lr at 0")
+        target = _target_l0(sae, s)
+        if target is not None and not 0 < target < sae.cfg.d_sae:
+            raise ScopeError(f"target_l0 {target:g} is not a reachable L0 for an SAE of d_sae {sae.cfg.d_sae}: "
+                             f"pass one in (0, {sae.cfg.d_sae})")
+        groups.append({"params": [sae.trained_threshold()], "base_lr": s.threshold_lr})
+    return [{**g, "lr": g["base_lr"]} for g in groups]
 
 
 @torch.no_grad()
@@ -168,8 +211,10 @@ def _mean_kl(logits: torch.Tensor, lp_clean: torch.Tensor, keep: torch.Tensor) -
 
 
 def _step_loss(sae: Dictionary, model: LoadedModel, hook: str, toks: torch.Tensor, mask: torch.Tensor,
-               splice_bos: bool, decoder_only: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(mean KL over predicted positions, the batch's FVU, L0) of one batch; the first two carry gradients."""
+               splice_bos: bool, train: str, thresholds: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean KL over predicted positions, the batch's FVU, L0) of one batch; the first two carry gradients, and
+    with ``thresholds`` the codes and the L0 carry θ's pseudo-derivatives (JumpReLU.trainable_codes)."""
     keep = mask[:, 1:].bool()  # a target is real iff its own position is (right padding)
     spliced = mask.bool().clone()
     if not splice_bos:
@@ -181,14 +226,21 @@ def _step_loss(sae: Dictionary, model: LoadedModel, hook: str, toks: torch.Tenso
     def replace(act: torch.Tensor, *, hook: Any) -> torch.Tensor:
         flat = act.reshape(*act.shape[:2], -1)
         x = flat[spliced]
-        if decoder_only:
+        l0 = None
+        if train == "decoder":
             with torch.no_grad():
                 u, norms = sae.prepare(x)
                 codes = sae.encode_prepared(u)
             x_hat = sae.decode_with_input(codes, x, norms)
+        elif thresholds:
+            u, norms = sae.prepare(x)
+            codes, l0 = sae.trainable_codes(sae.pre_acts(u))
+            x_hat = sae.decode_with_input(codes, x, norms)
         else:
             codes, x_hat = sae.reconstruct(x)
-        seen.update(x=x, x_hat=x_hat, codes=codes.detach())
+        if l0 is None:
+            l0 = (codes.detach() != 0).sum(-1).float().mean()
+        seen.update(x=x, x_hat=x_hat, l0=l0)
         out = flat.clone()
         out[spliced] = x_hat.to(flat.dtype)
         return out.reshape(act.shape)
@@ -196,7 +248,7 @@ def _step_loss(sae: Dictionary, model: LoadedModel, hook: str, toks: torch.Tenso
     kl = _mean_kl(_logits(model, toks, mask, [(hook, replace)]), lp_clean, keep)
     x, x_hat = seen["x"].float(), seen["x_hat"].float()
     fvu = (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-    return kl, fvu, float((seen["codes"] != 0).sum(-1).float().mean())
+    return kl, fvu, seen["l0"]
 
 
 def _windows(store: ActivationStore, model: LoadedModel, settings: FinetuneSettings) -> list:
@@ -237,12 +289,12 @@ def finetune(sae: Dictionary, model: LoadedModel, store: ActivationStore, out: s
     splice_bos = "bos" not in store.manifest.config.excluded
     sae.to(model.device)
     unfold_input_scale(sae)
-    params = trained_parameters(sae, s.train)
-    opt = torch.optim.Adam(params, lr=s.lr)
+    opt = torch.optim.Adam(_param_groups(sae, s))
     windows = _windows(store, model, s)
     steps = -(-len(windows) // s.batch_windows)
     key = _fingerprint(sae, s, store)
-    state = {"step": 0, "mse_weight": s.mse_weight, "start": None, "key": key}
+    state = {"step": 0, "mse_weight": s.mse_weight, "start": None, "key": key,
+             "target_l0": _target_l0(sae, s)}
     if (out / CHECKPOINT / "state.json").exists():
         state = _resume(out, key, sae, opt)
     elif out.exists() and any(out.iterdir()):
@@ -257,20 +309,31 @@ def finetune(sae: Dictionary, model: LoadedModel, store: ActivationStore, out: s
     with frozen_weights(model), (out / METRICS).open("a") as log:
         for step in range(state["step"], steps):
             toks, mask = (t.to(model.device) for t in batches[step])
-            kl, fvu, l0 = _step_loss(sae, model, hook, toks, mask, splice_bos, s.train == "decoder")
+            kl, fvu, l0_grad = _step_loss(sae, model, hook, toks, mask, splice_bos, s.train, bool(s.threshold_lr))
+            l0 = l0_grad.item()
             if state["mse_weight"] is None:
                 state["mse_weight"] = float(kl.detach() / fvu.detach().clamp_min(1e-12))
             if state["start"] is None:
                 state["start"] = {"kl": kl.item(), "fvu": fvu.item(), "l0": l0}
+            if state.get("target_l0") is None:
+                state["target_l0"] = l0
             for g in opt.param_groups:
-                g["lr"] = s.lr * (1 - step / steps)
+                g["lr"] = g["base_lr"] * (1 - step / steps)
             opt.zero_grad(set_to_none=True)
-            (kl + state["mse_weight"] * fvu).backward()
+            loss = kl + state["mse_weight"] * fvu
+            if s.threshold_lr:  # θ alone gets this gradient (the step's pseudo-derivative has none in z)
+                loss = loss + s.l0_coeff * (l0_grad / state["target_l0"] - 1).pow(2)
+            loss.backward()
             b_dec = sae.b_dec.detach().clone()
             opt.step()
+            if s.threshold_lr:
+                with torch.no_grad():
+                    sae.trained_threshold().clamp_(min=1e-6)  # as in training (JumpReLU.project)
             if s.train == "decoder" and sae.cfg.apply_b_dec_to_input:
                 _keep_encoder(sae, b_dec)
             last = {"step": step + 1, "kl": kl.item(), "fvu": fvu.item(), "l0": l0, "lr": opt.param_groups[0]["lr"]}
+            if s.threshold_lr:
+                last["threshold_mean"] = sae.trained_threshold().mean().item()
             log.write(json.dumps(last) + "\n")
             log.flush()
             state.update(step=step + 1, last=last)
