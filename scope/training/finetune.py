@@ -83,7 +83,8 @@ class FinetuneSettings(BaseModel):
         if self.threshold_lr and self.train != "all":
             raise ValueError(f"threshold_lr {self.threshold_lr:g} trains the thresholds with the encoder, so it "
                              f"needs train 'all'; got train {self.train!r}")
-        if not self.threshold_lr and (self.target_l0 is not None or self.l0_coeff != type(self).model_fields["l0_coeff"].default):
+        penalty_set = self.target_l0 is not None or self.l0_coeff != type(self).model_fields["l0_coeff"].default
+        if penalty_set and not self.threshold_lr:
             raise ValueError("target_l0 and l0_coeff shape the L0 penalty of a threshold fine-tune; set "
                              "threshold_lr above 0 (e.g. 1e-4, with train 'all') or leave them out")
         return self
