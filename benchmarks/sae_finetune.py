@@ -61,29 +61,19 @@ def own_settings(settings: FinetuneSettings, sae_path: Path) -> FinetuneSettings
     return settings
 
 
-def tuned_names(finals: dict[str, Path], lr: float, settings: FinetuneSettings) -> dict[str, str]:
-    """Each final dictionary's fine-tune name at learning rate ``lr``."""
-    out = {}
-    for name, path in finals.items():
-        s = own_settings(settings, path)
-        out[name] = tuned_name(name, lr, s.train, s.tokens, s.threshold_lr)
-    return out
-
-
-def run_finetunes(out: Path, store: ActivationStore, finals: dict[str, Path], lrs: list[float],
-                  settings: FinetuneSettings) -> dict[str, Path]:
+def run_finetunes(out: Path, store: ActivationStore, finals: dict[str, Path], per_sae: dict[str, FinetuneSettings],
+                  by_lr: dict[float, dict[str, str]]) -> dict[str, Path]:
     """Fine-tune (or resume) each final dictionary at each learning rate; return the fine-tuned folders by name."""
     model = None
     done = {}
     for name, path in finals.items():
-        for lr in lrs:
-            key = tuned_names({name: path}, lr, settings)[name]
-            folder = out / FINETUNES / key
+        for lr, names in by_lr.items():
+            folder = out / FINETUNES / names[name]
             print(f"fine-tuning {name} at lr {lr:g} -> {folder}", file=sys.stderr, flush=True)  # stdout: --json
             model = model or load_store_model(store)
             # finetune() resumes the folder or finds it finished, and refuses one that holds other settings
-            finetune(load(path), model, store, folder, own_settings(settings, path).model_copy(update={"lr": lr}))
-            done[key] = folder / SAVED
+            finetune(load(path), model, store, folder, per_sae[name].model_copy(update={"lr": lr}))
+            done[names[name]] = folder / SAVED
     return done
 
 
@@ -166,13 +156,14 @@ def main() -> None:
                                     threshold_lr=args.threshold_lr)
     except ValueError as err:
         raise SystemExit(f"bad fine-tune settings: {err}") from None
-    tuned = run_finetunes(out, store, finals, lrs, settings)
+    per_sae = {name: own_settings(settings, path) for name, path in finals.items()}
+    by_lr = {lr: {n: tuned_name(n, lr, s.train, s.tokens, s.threshold_lr) for n, s in per_sae.items()} for lr in lrs}
+    tuned = run_finetunes(out, store, finals, per_sae, by_lr)
     if args.no_eval:
         return
     held_out = store.split(args.held_out, seed=0)[1]
     final = {n: f"{n}@{total_steps}" for n in names}
     cache = evaluate_cached(out / EVALS, {**{final[n]: finals[n] for n in names}, **tuned}, held_out, args.lm_tokens)
-    by_lr = {lr: tuned_names(finals, lr, settings) for lr in lrs}
     results = rows(cache, final, by_lr)
     gaps = []
     if len(names) >= 2:

@@ -90,6 +90,11 @@ class StepFn(torch.autograd.Function):
         return None, grad_theta.sum_to_size(theta.shape).to(theta.dtype), None
 
 
+def quadratic_l0_penalty(l0: torch.Tensor, target_l0: float) -> torch.Tensor:
+    """Gemma Scope 2's L0 penalty before its coefficient: the squared relative distance (L0/target − 1)²."""
+    return (l0 / target_l0 - 1).pow(2)
+
+
 # Above this fraction of active (row, latent) pairs the sparse kernels lose to dense matmuls
 # (measured break-even on CPU: about 8 %).
 DENSE_ABOVE = 0.05
@@ -182,7 +187,7 @@ class JumpReLU(Dictionary):
             sparsity = torch.tanh(cfg.tanh_scale * f * (dec_norm if cols is None else dec_norm[cols])).sum() / rows
         else:
             l0 = step.sum() / rows
-            sparsity = l0 if cfg.sparsity_loss == "step" else (l0 / cfg.target_l0 - 1).pow(2)
+            sparsity = l0 if cfg.sparsity_loss == "step" else quadratic_l0_penalty(l0, cfg.target_l0)
         if not cfg.freq_coeff:
             return sparsity, 0.0
         fired = step.sum(0) if cols is None else \

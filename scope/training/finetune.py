@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from scope.data import pad_token_id
 from scope.dictionaries.base import Dictionary
+from scope.dictionaries.jumprelu import quadratic_l0_penalty
 from scope.errors import ScopeError
 from scope.files import read_json, read_safetensors
 from scope.hooks import check_hooks
@@ -323,7 +324,7 @@ def finetune(sae: Dictionary, model: LoadedModel, store: ActivationStore, out: s
             opt.zero_grad(set_to_none=True)
             loss = kl + state["mse_weight"] * fvu
             if s.threshold_lr:  # θ alone gets this gradient (the step's pseudo-derivative has none in z)
-                loss = loss + s.l0_coeff * (l0_grad / state["target_l0"] - 1).pow(2)
+                loss = loss + s.l0_coeff * quadratic_l0_penalty(l0_grad, state["target_l0"])
             loss.backward()
             b_dec = sae.b_dec.detach().clone()
             opt.step()
