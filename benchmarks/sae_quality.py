@@ -21,6 +21,9 @@ scale less well than the matmuls); the evaluation then finds every part's dictio
     OMP_NUM_THREADS=1 python benchmarks/sae_quality.py --only batchtopk-matryoshka,... --no-eval &
     wait; python benchmarks/sae_quality.py --no-train --figures docs/figures
 
+The table gives each SAE's delta-loss lead over a reference, paired on the same held-out windows (the bar of
+the studies is a lead over TopK): ``--paired-against NAME``, by default the config's first per-row TopK.
+
 ``--eval-store STORE`` scores on another store's held-out documents instead of the config's: SAEs trained on a
 bigger store, scored on the documents a smaller store's study held out, compare with that study's SAEs on the same
 text. Its evaluations, table and figures go in ``OUT/on-<store folder name>/``, apart from the run's own.
@@ -37,24 +40,54 @@ from sweep import EVALS, evaluate_cached, plus_minus, run_study, sweep_parser, t
 
 from scope.analysis.output import write_results
 from scope.errors import ScopeError
+from scope.evals.lm_loss import paired_difference
 from scope.store import ActivationStore
 from scope.training import TrainConfig, load_config
 from scope.training.trainer import SNAPSHOTS
 
 
 
-def table(results: list[dict], store: str, tokens: int) -> str:
-    """The results as a Markdown table."""
-    lines = [f"Store `{store}` ({tokens:,} training token-steps); held-out documents; LM loss over the held-out text.",
-             "", "| SAE | kind | latents | L0 | FVU | dead | CE clean | CE spliced | delta loss | CE recovered | KL |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+def with_leads(results: list[dict], reference: str | None) -> list[dict]:
+    """Each result with ``lead``: the ``reference`` dictionary's delta loss minus its own, paired on the same windows
+    (``scope.evals.lm_loss.paired_difference``), with its standard error; none where either lacks an LM loss with
+    per-window sums (evaluations cached by an older scope)."""
+    ref = next((r for r in results if r["name"].rsplit("@", 1)[0] == reference), None)
+    out = []
     for r in results:
-        lm = r["lm"] or {}
+        lead = None
+        if ref is not None and r is not ref and (r.get("lm") or {}).get("window_tokens") \
+                and (ref.get("lm") or {}).get("window_tokens"):
+            diff, se = paired_difference(r["lm"], ref["lm"])
+            lead = {"against": reference, "nats": diff, "se": se}
+        out.append({**r, "lead": lead})
+    return out
+
+
+def table(results: list[dict], store: str, tokens: int, reference: str | None) -> str:
+    """The results (from ``with_leads``) as a Markdown table, with each one's lead over ``reference`` if named."""
+    lead_head = f" {reference} − this (paired) |" if reference else ""
+    lines = [f"Store `{store}` ({tokens:,} training token-steps); held-out documents; LM loss over the held-out text.",
+             "", "| SAE | kind | latents | L0 | FVU | dead | CE clean | CE spliced | delta loss | CE recovered | KL |"
+             + lead_head,
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if reference else "")]
+    for r in results:
+        lm, lead = r["lm"] or {}, r.get("lead")
+        cell = (f" {lead['nats']:+.3f}{plus_minus(lead['se'])} |" if lead else " — |") if reference else ""
         lines.append(f"| {r['name'].rsplit('@', 1)[0]} | {r['kind']} | {r['d_sae']:,} | {r['l0']:.1f} | {r['fvu']:.3f} | "
                      f"{r['dead_fraction']:.1%} | {lm.get('clean_ce', float('nan')):.3f} | "
                      f"{lm.get('spliced_ce', float('nan')):.3f} | {lm.get('delta_loss', float('nan')):.3f}{plus_minus(lm.get('delta_loss_se'))} | "
-                     f"{lm.get('ce_loss_recovered', float('nan')):.1%} | {lm.get('kl', float('nan')):.3f} |")
+                     f"{lm.get('ce_loss_recovered', float('nan')):.1%} | {lm.get('kl', float('nan')):.3f} |" + cell)
     return "\n".join(lines)
+
+
+def reference_name(requested: str | None, cfg: TrainConfig) -> str | None:
+    """The dictionary the table's leads are measured against: ``requested``, else the config's first (per-row) TopK."""
+    names = [d.label() for d in cfg.dictionaries]
+    if requested is None:
+        return next((d.label() for d in cfg.dictionaries if d.kind == "topk" and d.selection == "exact"), None)
+    if requested not in names:
+        raise ScopeError(f"--paired-against {requested!r} is not a dictionary of this config (it has: {', '.join(names)})")
+    return requested
 
 
 PARTS = "parts"
@@ -146,6 +179,9 @@ def main() -> None:
     ap.add_argument("--no-eval", action="store_true", help="train, then stop (parts run side by side)")
     ap.add_argument("--eval-store", default=None,
                     help="score on this store's held-out documents instead (results in OUT/on-<its folder name>/)")
+    ap.add_argument("--paired-against", default=None,
+                    help="the table gives each SAE's lead over this dictionary, paired on the same windows "
+                         "(default: the config's first per-row TopK)")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -160,6 +196,7 @@ def main() -> None:
         return
     if args.only:
         cfg = load_config(args.config)
+    reference = reference_name(args.paired_against, cfg)
     held_out, store, scored = scoring_store(args.eval_store, cfg, args.held_out, out)
     names = [d.label() for d in cfg.dictionaries]
     total_steps = cfg.trainer.total_tokens // cfg.trainer.batch_size
@@ -169,13 +206,13 @@ def main() -> None:
     # The cache also holds what other scripts scored on the same windows (benchmarks/sae_finetune.py: NAME+ftLR).
     study = {k: v for k, v in cache.items() if "@" in k}
     last = max((int(k.rsplit("@", 1)[1]) for k in study), default=0)
-    final = [study[f"{n}@{last}"] for n in names if f"{n}@{last}" in study]
+    final = with_leads([study[f"{n}@{last}"] for n in names if f"{n}@{last}" in study], reference)
     written = write_results(str(scored), "quality.json", {"final_step": last, "results": final, "all": study},
                             figures(study, names, cfg.trainer.batch_size, last))
     if args.figures:
         for name in ("sae_quality_curve", "sae_quality_l0"):
             shutil.copy(written[name], Path(args.figures) / f"{name}.html")
-    md = table(final, store, last * cfg.trainer.batch_size)
+    md = table(final, store, last * cfg.trainer.batch_size, reference)
     if store != cfg.store:
         md = f"Trained on `{cfg.store}`. " + md
     if args.markdown:
