@@ -48,17 +48,19 @@ from scope.training.trainer import SNAPSHOTS
 
 
 def with_leads(results: list[dict], reference: str | None) -> list[dict]:
-    """Each result with ``lead``: the ``reference`` dictionary's delta loss minus its own, paired on the same windows
-    (``scope.evals.lm_loss.paired_difference``), with its standard error; none where either lacks an LM loss with
-    per-window sums (evaluations cached by an older scope)."""
+    """Each result with ``lead``: the ``reference`` dictionary's delta loss minus its own, paired on the same windows,
+    with its standard error; none for the reference itself and where ``paired_difference`` cannot pair the two
+    (no LM loss, or evaluations over other windows: another ``--lm-tokens``, or cached by an older scope)."""
     ref = next((r for r in results if r["name"].rsplit("@", 1)[0] == reference), None)
     out = []
     for r in results:
         lead = None
-        if ref is not None and r is not ref and (r.get("lm") or {}).get("window_tokens") \
-                and (ref.get("lm") or {}).get("window_tokens"):
-            diff, se = paired_difference(r["lm"], ref["lm"])
-            lead = {"against": reference, "nats": diff, "se": se}
+        if ref is not None and r is not ref and r.get("lm") and ref.get("lm"):
+            try:
+                diff, se = paired_difference(r["lm"], ref["lm"])
+                lead = {"against": reference, "nats": diff, "se": se}
+            except ScopeError:
+                pass
         out.append({**r, "lead": lead})
     return out
 
