@@ -22,7 +22,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
-from sweep import sweep_parser, train_sweep
+from sweep import prepare_outputs, run_study, sweep_parser, train_sweep
 
 from scope.dictionaries import load
 from scope.errors import ScopeError
@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000, help="held-out rows to score")
     ap.add_argument("--figures", default=None, help="write the plotly figures (HTML) into this folder")
     args = ap.parse_args()
+    prepare_outputs(args)
 
     _, saved, test = train_sweep(args)
     out = Path(args.out)
@@ -118,4 +119,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_study(main)

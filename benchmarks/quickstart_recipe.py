@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sweep import EVALS, evaluate_cached, run_study, timed_train, training_time
+from sweep import EVALS, evaluate_cached, prepare_outputs, run_study, timed_train, training_time
 
 from scope.data import open_source
 from scope.models import load_model
@@ -143,6 +143,7 @@ def main() -> None:
     ap.add_argument("--markdown", default=None, help="also write the table to this file")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    prepare_outputs(args)
     names = list(VARIANTS) if args.only is None else [n.strip() for n in args.only.split(",")]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import plotly.graph_objects as go
-from sweep import EVALS, plus_minus, run_study
+from sweep import EVALS, plus_minus, prepare_outputs, run_study
 
 from scope.analysis.output import write_results
 from scope.errors import ScopeError
@@ -195,6 +195,7 @@ def main() -> None:
     ap.add_argument("--markdown", default=None, help="also write the table to this file")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    prepare_outputs(args)
     names, points, notes = [args.first, args.second], [], []
     for study in args.study or DEFAULT_STUDIES:
         config, sep, run = study.partition("=")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 from sae_quality import PARTS, dictionaries_by_step
-from sweep import EVALS, evaluate_cached, plus_minus, run_study, sweep_parser
+from sweep import EVALS, evaluate_cached, plus_minus, prepare_outputs, run_study, sweep_parser
 
 from scope.analysis.output import write_results
 from scope.dictionaries import load
@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--figures", default=None, help="also copy the figure's HTML into this folder (e.g. docs/figures)")
     ap.add_argument("--no-eval", action="store_true", help="fine-tune, then stop (runs side by side)")
     args = ap.parse_args()
+    prepare_outputs(args)
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)

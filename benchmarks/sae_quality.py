@@ -36,7 +36,7 @@ import shutil
 from pathlib import Path
 
 import plotly.graph_objects as go
-from sweep import EVALS, evaluate_cached, plus_minus, run_study, sweep_parser, train_sweep
+from sweep import EVALS, evaluate_cached, plus_minus, prepare_outputs, run_study, sweep_parser, train_sweep
 
 from scope.analysis.output import write_results
 from scope.errors import ScopeError
@@ -185,6 +185,7 @@ def main() -> None:
                     help="the table gives each SAE's lead over this dictionary, paired on the same windows "
                          "(default: the config's first per-row TopK)")
     args = ap.parse_args()
+    prepare_outputs(args)
 
     out = Path(args.out)
     if args.only:
