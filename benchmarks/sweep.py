@@ -38,20 +38,24 @@ def sweep_parser(description: str, config: str, out: str) -> argparse.ArgumentPa
 def prepare_outputs(args: argparse.Namespace) -> None:
     """Create the folder of --figures and the parent of --markdown before the study's work, so that an hour of
     training and scoring cannot end on a path it cannot write."""
-    for flag, path, folder in (("--figures", getattr(args, "figures", None), True),
-                               ("--markdown", getattr(args, "markdown", None), False)):
-        if not path:
-            continue
-        target = Path(path) if folder else Path(path).parent
-        if not folder and Path(path).is_dir():
-            raise ScopeError(f"{flag} {path!r} is a folder; give the file to write the table to, e.g. {path}/table.md")
-        if folder and Path(path).exists() and not Path(path).is_dir():
-            raise ScopeError(f"{flag} {path!r} is a file; give the folder to write the figures into")
-        try:
-            target.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ScopeError(f"{flag} {path!r}: cannot create the folder {str(target)!r} ({err.strerror or err}); "
-                             "give a path in a folder you can write") from None
+    figures, markdown = getattr(args, "figures", None), getattr(args, "markdown", None)
+    if figures:
+        if Path(figures).exists() and not Path(figures).is_dir():
+            raise ScopeError(f"--figures {figures!r} is a file; give the folder to write the figures into")
+        _make_folder("--figures", figures, Path(figures))
+    if markdown:
+        if Path(markdown).is_dir():
+            raise ScopeError(f"--markdown {markdown!r} is a folder; give the file to write the table to, e.g. "
+                             f"{markdown}/table.md")
+        _make_folder("--markdown", markdown, Path(markdown).parent)
+
+
+def _make_folder(flag: str, path: str, folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ScopeError(f"{flag} {path!r}: cannot create the folder {str(folder)!r} ({err.strerror or err}); "
+                         "give a path in a folder you can write") from None
 
 
 def train_sweep(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Path], ActivationStore]:
