@@ -299,6 +299,9 @@ def test_jumprelu_batchtopk_phase_trains_as_batchtopk_then_hands_over_to_its_own
      "resample_every 100 is shorter than trainer.dead_window_steps 1000.*at least 1000"),
     ({"kind": "icfl", "resample_every": 1000}, "needs kind jumprelu, topk or relu \\(this one is icfl\\)"),
     ({"kind": "topk", "k": 8, "resample_until": 50}, "resample_until 50 needs resample_every"),
+    ({"kind": "jumprelu", "sparsity_coeff": 1.0, "handover_revive": 0.01}, "handover_revive 0.01 acts when the "
+     "BatchTopK phase ends; set batchtopk_steps"),
+    ({"kind": "topk", "k": 8, "handover_revive": 0.01}, "handover_revive 0.01 is read only by jumprelu"),
     ({"kind": "batchtopk", "k": 8, "selection": "exact"}, "kind batchtopk selects over the batch.*got 'exact'"),
     ({"kind": "matryoshka_batchtopk", "k": 8}, "kind matryoshka_batchtopk needs matryoshka_widths"),
 ])
@@ -493,33 +496,87 @@ def test_a_resampled_latent_starts_as_a_typical_latent_of_the_batch():
     torch.testing.assert_close(top[-1], torch.full((6,), lo), rtol=1e-4, atol=1e-5)  # at lo on ~kth rows
 
 
-@pytest.mark.real_model
-def test_resampling_leaves_fewer_dead_latents_on_the_real_model(small_store, tmp_path):
+def _train_with_short_dead_window(store, tmp_path, steps: int, dictionaries: list[dict]):
+    """Train on the real model's layer 6 with a 10-step dead window: (saved, logged rows, name -> (dead, FVU) on
+    the store's rows)."""
     hook = "blocks.6.hook_resid_post"
-    topk = {"kind": "topk", "d_sae": 2048, "k": 16}
     cfg = load_config(data={
-        "store": small_store.url, "hook": hook,
-        "trainer": {"total_tokens": 256 * 60, "batch_size": 256, "lr": 3e-3, "lr_warmup_steps": 2, "log_every": 10,
+        "store": store.url, "hook": hook,
+        "trainer": {"total_tokens": 256 * steps, "batch_size": 256, "lr": 3e-3, "lr_warmup_steps": 2, "log_every": 10,
                     "checkpoint_every": 100, "buffer_rows": 1024, "norm_estimate_rows": 2000,
                     "dead_window_steps": 10, "dead_frequency": 1e-3},
-        "dictionaries": [{"name": "plain", **topk}, {"name": "resampled", **topk, "resample_every": 10}]})
+        "dictionaries": dictionaries})
     saved = train(cfg, tmp_path / "run", progress=False)
     rows = [yaml.safe_load(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    counts = [r["resampled/resampled"] for r in rows if "resampled/resampled" in r]
-    assert counts and max(counts) > 0 and "plain/resampled" not in rows[-1]
-    assert [r["step"] for r in rows if "resampled/resampled" in r] == [10, 20, 30, 40], "up to the decay at step 48"
-    x = torch.cat(list(small_store.batches(hook, batch_size=1000, shuffle=False)))
+    x = torch.cat(list(store.batches(hook, batch_size=1000, shuffle=False)))
 
     def dead_and_fvu(name: str) -> tuple[int, float]:
         sae = load(saved[name])
-        rec = sae(x)
-        return int(((sae.encode(x) != 0).sum(0) == 0).sum()), float((rec - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+        codes, rec = sae.encode(x), sae(x)
+        return int(((codes != 0).sum(0) == 0).sum()), float((rec - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
+    return saved, rows, dead_and_fvu
+
+
+@pytest.mark.real_model
+def test_resampling_leaves_fewer_dead_latents_on_the_real_model(small_store, tmp_path):
+    topk = {"kind": "topk", "d_sae": 2048, "k": 16}
+    saved, rows, dead_and_fvu = _train_with_short_dead_window(
+        small_store, tmp_path, 60, [{"name": "plain", **topk}, {"name": "resampled", **topk, "resample_every": 10}])
+    counts = [r["resampled/resampled"] for r in rows if "resampled/resampled" in r]
+    assert counts and max(counts) > 0 and "plain/resampled" not in rows[-1]
+    assert [r["step"] for r in rows if "resampled/resampled" in r] == [10, 20, 30, 40], "up to the decay at step 48"
     (dead_plain, fvu_plain), (dead_rs, fvu_rs) = dead_and_fvu("plain"), dead_and_fvu("resampled")
     # Measured: 4 × 64 latents resampled (a quarter of the batch each time), 111 fewer dead (1,248 against 1,359
     # of 2,048) and FVU 0.180 against 0.189 on the store's rows.
     assert dead_plain - dead_rs > 0.25 * sum(counts), (dead_rs, dead_plain, counts)
     assert fvu_rs < fvu_plain, (fvu_rs, fvu_plain)
+
+
+def test_a_dead_latents_threshold_is_lowered_to_fire_on_rate_of_the_rows_and_nothing_else_moves():
+    from scope.training.resample import lower_dead_thresholds
+
+    d = _jumprelu(target_l0=3.0, batchtopk_steps=2)
+    x = torch.randn(512, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        d.threshold[:8] = 50.0  # far above every pre-activation: never fires
+        d.W_enc[:, 7] = 0.0
+        d.b_enc[7] = -1.0  # every pre-activation negative: no θ > 0 makes it fire
+    dead = torch.zeros(256, dtype=torch.bool)
+    dead[:8] = True
+    opt = torch.optim.Adam(d.parameters())
+    d.loss(x, 0.5, sparse=False).loss.backward()
+    opt.step()  # so that the optimiser holds state for every weight
+    opt.zero_grad()
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    sq = opt.state[d.W_enc]["exp_avg_sq"].clone()
+    assert lower_dead_thresholds(d, opt, x, dead, rate=4 / 512) == 7
+    fires = (d.encode(x) != 0).sum(0)
+    assert fires[:7].tolist() == [4] * 7, "each fires on round(rate · rows) rows of the batch"
+    assert fires[7] == 0 and d.threshold[7] == 50.0, "a latent with no positive pre-activation is left alone"
+    after = d.state_dict()
+    assert torch.equal(after["threshold"][8:], before["threshold"][8:]), "live latents keep their θ"
+    assert all(torch.equal(after[k], before[k]) for k in ("W_enc", "W_dec", "b_enc", "b_dec"))
+    # A revived latent's first Adam steps are typical ones: its second moment is the live latents' mean.
+    new_sq = opt.state[d.W_enc]["exp_avg_sq"]
+    torch.testing.assert_close(new_sq[:, :7], sq[:, 8:].mean(1, keepdim=True).expand(16, 7))
+    assert torch.equal(new_sq[:, 7:], sq[:, 7:]) and not opt.state[d.W_enc]["exp_avg"][:, :7].any()
+
+
+@pytest.mark.real_model
+def test_a_handover_revive_leaves_fewer_dead_latents_on_the_real_model(small_store, tmp_path):
+    jr = {"kind": "jumprelu", "d_sae": 1024, "sparsity_coeff": 1.0, "sparsity_loss": "quadratic", "target_l0": 16,
+          "apply_b_dec_to_input": True, "bandwidth": 0.01, "batchtopk_steps": 40}
+    saved, rows, dead_and_fvu = _train_with_short_dead_window(
+        small_store, tmp_path, 80, [{"name": "plain", **jr}, {"name": "revived", **jr, "handover_revive": 0.004}])
+    revived = {r["step"]: r["revived/revived"] for r in rows if "revived/revived" in r}
+    assert list(revived) == [40] and revived[40] > 0 and not any("plain/revived" in r for r in rows)
+    (dead_plain, fvu_plain), (dead_rv, fvu_rv) = dead_and_fvu("plain"), dead_and_fvu("revived")
+    # Measured: 681 of 1,024 latents revived at step 40; 242 dead on the store's rows against 659, FVU 0.178 against
+    # 0.175. Without the revived latents' Adam second moment set to the live mean, their first steps blew the run
+    # up (L0 16 -> 196, FVU 70) and it ended with more dead latents than the plain run.
+    assert dead_plain - dead_rv > 0.25 * revived[40], (dead_rv, dead_plain, revived)
+    assert fvu_rv < 1.05 * fvu_plain, (fvu_rv, fvu_plain)
 
 
 def test_identical_rows_at_the_top_do_not_blow_up_a_resampled_latent():

@@ -384,16 +384,17 @@ def _run(cfg: dict, out: Path) -> subprocess.Popen:
 
 def test_killed_training_resumes_to_the_same_weights(synth, tmp_path):
     # 40 steps of 256 rows is 2.5 epochs of the ~4,000 training rows: the kill and the resume cross epochs.
-    # A 5-step dead window (1,280 rows) lets the AuxK and resampling (steps 10, 20, 30) act in so short a run;
-    # "rs" also trains with lazy Adam.
-    cfg = _cfg(synth, steps=40, checkpoint_every=8, dead_window_steps=5, dead_frequency=1e-3)
+    # A 5-step dead window (1,280 rows) and a dead frequency of 1 % let the AuxK, resampling (steps 10, 20, 30) and
+    # the hand-over's revival (step 20) act in so short a run; "rs" also trains with lazy Adam.
+    cfg = _cfg(synth, steps=40, checkpoint_every=8, dead_window_steps=5, dead_frequency=1e-2)
     cfg["dictionaries"] += [
         {"name": "rs", "kind": "topk", "d_sae": 1024, "k": 4, "resample_every": 10, "lazy_adam": True},
         {"name": "gs2", "kind": "jumprelu", "d_sae": 64, "sparsity_coeff": 1.0, "sparsity_loss": "quadratic",
          "target_l0": 8, "freq_coeff": 1.0, "freq_max": 0.05, "matryoshka_widths": [8, 32]},
         {"name": "mbtk", "kind": "topk", "d_sae": 64, "k": 4, "selection": "batch", "matryoshka_widths": [8, 32]},
-        {"name": "btk", "kind": "jumprelu", "d_sae": 64, "sparsity_coeff": 1.0, "sparsity_loss": "quadratic",
-         "target_l0": 4, "batchtopk_steps": 20, "aux_coeff": 0.125}]  # BatchTopK phase, then JumpReLU
+        {"name": "btk", "kind": "jumprelu", "d_sae": 512, "sparsity_coeff": 1.0, "sparsity_loss": "quadratic",
+         "target_l0": 4, "batchtopk_steps": 20, "aux_coeff": 0.125,
+         "handover_revive": 0.01}]  # BatchTopK phase, then JumpReLU from thresholds lowered for the dead latents
     killed = tmp_path / "killed"
     proc = _run(cfg, killed)
     deadline = time.time() + 300
@@ -407,6 +408,7 @@ def test_killed_training_resumes_to_the_same_weights(synth, tmp_path):
     assert _run(cfg, tmp_path / "clean").wait() == 0
     logged = [json.loads(line) for line in (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("rs/resampled", 0) for r in logged) > 0, "the run resampled after the resume"
+    assert [(r["step"], r["btk/revived"] > 0) for r in logged if "btk/revived" in r] == [(20, True)]
     for name in ("jumprelu-64-l0.01", "topk-64-k4", "gs2", "mbtk", "btk", "rs"):
         a = load_file(str(killed / name / "weights.safetensors"))
         b = load_file(str(tmp_path / "clean" / name / "weights.safetensors"))

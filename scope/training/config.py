@@ -57,6 +57,9 @@ class DictSpec(_Strict):
     batchtopk_steps: int = Field(
         0, ge=0, description="jumprelu: train the first N steps as BatchTopK with k = target_l0, θ tracking its "
                              "inference threshold; then each θᵢ trains on its own (0: off)")
+    handover_revive: float | None = Field(
+        None, gt=0, le=1, description="jumprelu with batchtopk_steps: when the BatchTopK phase ends, lower each dead "
+                                      "latent's θ so that it fires on about this fraction of the batch's rows (None: off)")
     row_cap: int | None = Field(
         None, gt=0, description="jumprelu with batchtopk_steps, topk with selection batch: no row of a BatchTopK step "
                                 "keeps more than this many latents (at least k or target_l0; default: no cap)")
@@ -218,6 +221,10 @@ class TrainConfig(_Strict):
             if d.batchtopk_steps and not (d.target_l0 and d.target_l0 < d.d_sae):
                 raise ScopeError(f"dictionary {d.label()!r}: batchtopk_steps {d.batchtopk_steps} needs a target_l0 "
                                  f"below d_sae ({d.d_sae}): it is the k of the BatchTopK phase")
+            if d.handover_revive is not None and not d.batchtopk_steps:
+                raise ScopeError(f"dictionary {d.label()!r}: handover_revive {d.handover_revive:g} acts when the "
+                                 "BatchTopK phase ends; set batchtopk_steps (e.g. 90 % of the run's steps) or remove "
+                                 "handover_revive")
             if d.row_cap is not None:
                 batch = d.batchtopk_steps if d.family() == "jumprelu" else (
                     d.family() == "topk" and (d.selection == "batch" or d.activation == "batchtopk"))
@@ -274,7 +281,8 @@ class TrainConfig(_Strict):
 _JUMPRELU, _TOPK = ("jumprelu",), ("topk",)
 _FIELD_FAMILIES: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(["bandwidth", "threshold_init", "sparsity_loss", "tanh_scale", "target_l0", "pre_act_coeff",
-                     "pre_act_on", "freq_coeff", "freq_max", "threshold_lr", "init_l0", "batchtopk_steps"], _JUMPRELU),
+                     "pre_act_on", "freq_coeff", "freq_max", "threshold_lr", "init_l0", "batchtopk_steps",
+                     "handover_revive"], _JUMPRELU),
     **dict.fromkeys(["k", "selection", "dead_after_tokens", "aux_b_dec"], _TOPK),
     **dict.fromkeys(["aux_k", "aux_coeff", "matryoshka_widths"], _JUMPRELU + _TOPK),
     "sparsity_coeff": ("jumprelu", "relu"),

@@ -1,4 +1,5 @@
-"""Resampling dead latents: point each at a training row that the dictionary reconstructs badly.
+"""Bringing dead latents back: resampling (point each at a training row that the dictionary reconstructs badly)
+and, for a JumpReLU leaving its BatchTopK phase, lowering their thresholds (:func:`lower_dead_thresholds`).
 
 Bricken et al. 2023 ("Towards Monosemanticity", Anthropic, the appendix on neuron resampling) reinitialise a
 dead latent from an input drawn with probability proportional to its squared reconstruction loss: the
@@ -76,10 +77,43 @@ def resample_dead(sae: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, 
     if theta is not None:
         theta[idx] = theta[alive].median()
 
+    _warm_adam(sae, opt, idx, alive)
+    return n
+
+
+def _warm_adam(sae: Dictionary, opt: torch.optim.Optimizer, idx: torch.Tensor, alive: torch.Tensor) -> None:
+    """Give latents ``idx`` the ``alive`` latents' mean Adam second moment and no first moment (module doc)."""
     for p, latent_dim in sae.latent_params():
         state = opt.state.get(p)
         if state:  # views with the latents along the first axis; writes reach the optimiser's tensors
             avg, sq = state["exp_avg"].movedim(latent_dim, 0), state["exp_avg_sq"].movedim(latent_dim, 0)
             avg[idx] = 0
             sq[idx] = sq[alive].mean(0)
-    return n
+
+
+@torch.no_grad()
+def lower_dead_thresholds(sae: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor,
+                          rate: float) -> int:
+    """Lower each ``dead`` latent's θ so that it fires on about ``rate`` of the rows of ``x`` (prepared
+    inputs); return how many now fire on at least one of them.
+
+    For a JumpReLU at the end of its BatchTopK phase (``handover_revive``): there a latent died because it
+    never ranked in the batch's top, not because its direction is useless, and the shared threshold it
+    inherits sits above all of its pre-activations. Its θ becomes its k-th largest pre-activation on the batch
+    (k = round(rate · rows), at least 1) where that is positive and below θ, so it fires at once on the rows it
+    matches best and trains from there, rather than waiting for AuxK and the pre-activation loss to lift it.
+    Encoder, decoder and Adam state are left as they are: only where the latent starts firing changes.
+    """
+    theta = sae.trained_threshold()
+    idx = dead.nonzero().squeeze(1)
+    if theta is None or idx.numel() == 0:
+        return 0
+    pre = sae.pre_acts(x)[:, idx].float()
+    k = min(x.shape[0], max(1, round(rate * x.shape[0])))
+    kth = pre.topk(k, dim=0).values[-1]
+    lower = (kth > 0) & (kth < theta[idx])
+    # Just below the k-th value, so that it fires on k rows of this batch (JumpReLU fires on z > θ).
+    new = torch.nextafter(kth, torch.zeros_like(kth)).clamp_min(1e-6)
+    theta[idx] = torch.where(lower, new, theta[idx])
+    _warm_adam(sae, opt, idx[lower], ~dead)
+    return int(lower.sum())

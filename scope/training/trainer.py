@@ -37,7 +37,7 @@ from scope.store.fs import replace_folder
 from scope.training.config import DictSpec, TrainConfig, load_config
 from scope.training.logging import MetricLogger
 from scope.training.lazy_adam import hold_idle
-from scope.training.resample import resample_dead
+from scope.training.resample import lower_dead_thresholds, resample_dead
 
 CHECKPOINT = "checkpoint"
 SNAPSHOTS = "snapshots"  # out/snapshots/step-NNNNNNN/NAME: dictionaries saved along the way (snapshot_every)
@@ -338,9 +338,10 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
         y = rest[0] if rest else None  # a transcoder's output site
         lr_mult, lam_mult = lr_at(step, total_steps, t), sparsity_at(step, t)
         row = {"step": step + 1, "tokens": (step + 1) * t.batch_size, "lr_mult": lr_mult, "sparsity_mult": lam_mult}
-        # A step that resamples is logged too, or its count of resampled latents would be lost.
+        # A step that resamples or revives is logged too, or its count of latents would be lost.
         logging = ((step + 1) % t.log_every == 0 or step + 1 == total_steps
-                   or any(resamples_at(run.spec, step + 1, total_steps, t.lr_decay_start) for run in runs))
+                   or any(resamples_at(run.spec, step + 1, total_steps, t.lr_decay_start)
+                          or (run.spec.handover_revive and step + 1 == run.spec.batchtopk_steps) for run in runs))
         prepared: dict[str, torch.Tensor] = {}  # dictionaries with the same whitening share its output
         for run in runs:
             for group in run.opt.param_groups:
@@ -378,6 +379,11 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
             if world > 1:
                 dist.all_reduce(counts, op=dist.ReduceOp.SUM)
             run.record(counts, xr.shape[0] * world, step, block_steps)
+            if run.spec.handover_revive and step + 1 == run.spec.batchtopk_steps:
+                dead = run.dead_mask(t.dead_frequency)
+                if dead is not None:  # the global batch: every rank sets the same θ
+                    row[f"{run.name}/revived"] = lower_dead_thresholds(run.sae, run.opt, _global_rows(xr, world), dead,
+                                                                       run.spec.handover_revive)
             if resamples_at(run.spec, step + 1, total_steps, t.lr_decay_start):
                 dead = run.dead_mask(t.dead_frequency)
                 if dead is not None:  # every rank draws the same rows from the same global batch
