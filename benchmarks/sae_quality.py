@@ -10,7 +10,7 @@ and two plotly figures: delta loss against token-steps, and delta loss against L
 
 Run:  python benchmarks/sae_quality.py [--config sae_configs/gemma-3-270m-res-l6-quality-10m-4k.yaml]
           [--out runs/quality-10m] [--lm-tokens 16384] [--curve-lm-tokens N] [--markdown PATH] [--figures DIR] [--no-train] [--json]
-          [--only NAME,NAME --no-eval] [--eval-store STORE]
+          [--only NAME,NAME --no-eval [--fork-from RUN]] [--eval-store STORE]
 The run folder resumes after a kill (re-run the same command). ``--no-train`` evaluates the snapshots
 that exist so far without training further (a study split across sessions can report where it is).
 ``--only`` trains just the named dictionaries, in ``OUT/parts/NAME+NAME``, so that a study can run as one
@@ -179,6 +179,9 @@ def main() -> None:
     ap.add_argument("--no-train", action="store_true", help="evaluate the snapshots so far; do not train")
     ap.add_argument("--only", default=None, help="train only these dictionaries (comma-separated), in OUT/parts/")
     ap.add_argument("--no-eval", action="store_true", help="train, then stop (parts run side by side)")
+    ap.add_argument("--fork-from", default=None,
+                    help="with --only NAME: start from this run folder's checkpoint (e.g. a copy of another part's "
+                         "checkpoint taken before NAME's config differs from it; scope/training/fork.py)")
     ap.add_argument("--eval-store", default=None,
                     help="score on this store's held-out documents instead (results in OUT/on-<its folder name>/)")
     ap.add_argument("--paired-against", default=None,
@@ -188,6 +191,8 @@ def main() -> None:
     prepare_outputs(args)
 
     out = Path(args.out)
+    if args.fork_from and not args.only:
+        raise SystemExit("--fork-from starts one part from another run's checkpoint; name the part with --only NAME")
     if args.only:
         args.overrides.append("dictionaries=" + json.dumps(_only(args, args.only.split(","))))
         args.out = str(out / PARTS / args.only.replace(",", "+"))

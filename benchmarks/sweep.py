@@ -62,7 +62,7 @@ def train_sweep(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Path],
     """Capture the store if missing, train (or resume) every dictionary; return them and the held-out view."""
     cfg = load_config(args.config, args.overrides)
     ensure_store(cfg)
-    saved = train(cfg, args.out)
+    saved = train(cfg, args.out, fork_from=getattr(args, "fork_from", None))
     return cfg, saved, ActivationStore(cfg.store).split(args.held_out, seed=0)[1]
 
 

@@ -581,3 +581,79 @@ def test_the_compiled_pair_loops_give_zeros_for_an_empty_batch_or_no_pairs():
         grad_vals, grad_W_dec = cpu_kernels.decode_backward(none, none, no_vals, torch.randn(8, 4),
                                                             torch.randn(rows, 4))
         assert grad_vals.shape == (0,) and not grad_W_dec.any()
+
+
+# --- forking a run from another's checkpoint ------------------------------------------------------------------
+
+def _fork_cfgs(synth: str) -> tuple[dict, dict]:
+    """A 16-step parent and a 40-step child that differs only from step 20 on (its hand-over revives dead latents).
+    No lr decay (lr_decay_start 1), so the two schedules agree up to the fork whatever the lengths."""
+    btk = {"kind": "jumprelu", "d_sae": 512, "sparsity_coeff": 1.0, "sparsity_loss": "quadratic", "target_l0": 4,
+           "batchtopk_steps": 20, "aux_coeff": 0.125}
+    parent = _cfg(synth, steps=16, checkpoint_every=8, snapshot_every=8, lr_decay_start=1.0, dead_window_steps=5,
+                  dead_frequency=1e-2)
+    parent["dictionaries"] = [{"name": "btk", **btk}]
+    child = _cfg(synth, steps=40, checkpoint_every=8, snapshot_every=8, lr_decay_start=1.0, dead_window_steps=5,
+                 dead_frequency=1e-2)
+    child["dictionaries"] = [{"name": "btk-revive", **btk, "handover_revive": 0.01}]
+    return parent, child
+
+
+def test_a_forked_run_ends_with_the_weights_of_the_same_config_trained_from_scratch(synth, tmp_path):
+    parent, child = _fork_cfgs(synth)
+    train(load_config(data=parent), tmp_path / "parent", progress=False)
+    forked = train(load_config(data=child), tmp_path / "forked", progress=False, fork_from=tmp_path / "parent")
+    scratch = train(load_config(data=child), tmp_path / "scratch", progress=False)
+    a = load_file(str(forked["btk-revive"] / "weights.safetensors"))
+    b = load_file(str(scratch["btk-revive"] / "weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (tmp_path / "forked" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "btk-revive/l0" in r]
+    assert steps == [r["step"] for r in map(json.loads, (tmp_path / "scratch" / "metrics.jsonl").open())]
+    assert not any(k.startswith("btk/") for r in rows for k in r), "the parent's rows are renamed"
+    assert any(r.get("btk-revive/revived", 0) > 0 for r in rows), "the revival at step 20 ran in the fork"
+    # Snapshot 8 is the parent's (its step 16 is its end, saved as its final dictionary, not a snapshot); 24, 32 its own.
+    snaps = sorted(p.parent.name for p in (tmp_path / "forked" / "snapshots").glob("step-*/btk-revive"))
+    assert snaps == ["step-0000008", "step-0000024", "step-0000032"]
+    for snap in snaps:
+        a, b = (load_file(str(tmp_path / run / "snapshots" / snap / "btk-revive" / "weights.safetensors"))
+                for run in ("forked", "scratch"))
+        assert all(torch.equal(a[k], b[k]) for k in a), snap
+    meta = json.loads((tmp_path / "forked" / "forked_from.json").read_text())
+    assert meta["step"] == 16 and meta["names"] == {"btk-revive": "btk"}
+    assert "dictionaries[btk-revive].handover_revive: None -> 0.01" in meta["differences"]
+    assert "trainer.total_tokens: 4096 -> 10240" in meta["differences"]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"trainer.batch_size": 128}, "trainer.batch_size differs \\(256 there, 128 here\\)"),
+    ({"trainer.lr": 1e-3}, "another learning rate or sparsity coefficient at step 1"),
+    ({"trainer.sparsity_warmup_steps": 6}, "sparsity coefficient at step 2"),
+    ({"dictionaries.0.batchtopk_steps": 12}, "leaves its BatchTopK phase at step 12, the parent's 'btk' at 20"),
+    ({"trainer.total_tokens": 256 * 16}, "this config trains 16 steps, so nothing is left after step 16"),
+])
+def test_a_fork_that_would_not_equal_its_config_from_scratch_is_refused(synth, tmp_path, change, message):
+    parent, child = _fork_cfgs(synth)
+    train(load_config(data=parent), tmp_path / "parent", progress=False)
+    (key, value), = change.items()
+    where = child
+    *path, last = key.split(".")
+    for part in path:
+        where = where[int(part)] if part.isdigit() else where[part]
+    where[last] = value
+    with pytest.raises(ScopeError, match=message):
+        train(load_config(data=child), tmp_path / "forked", progress=False, fork_from=tmp_path / "parent")
+
+
+def test_fork_from_a_folder_that_is_not_a_run_is_one_clear_line(synth, tmp_path):
+    from typer.testing import CliRunner
+
+    from scope.cli import app
+
+    _, child = _fork_cfgs(synth)
+    path = tmp_path / "child.yaml"
+    path.write_text(yaml.safe_dump(child))
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(app, ["train", str(path), "--out", str(tmp_path / "o"), "--fork-from", str(tmp_path / "empty")])
+    assert res.exit_code == 2 and "is not a training run with a checkpoint" in res.output
+    assert "Traceback" not in res.output

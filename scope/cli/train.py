@@ -5,6 +5,7 @@ The top-level commands here are plain functions; scope/cli/__init__.py adds them
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -21,18 +22,22 @@ def train(
     config: Annotated[str, typer.Argument(help="A YAML config, e.g. sae_configs/gemma-3-270m-res-l6-jumprelu-16k.yaml.")],
     out: Annotated[str, typer.Option(help="Run folder: dictionaries, metrics.jsonl, checkpoint (resumed if present).")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. trainer.lr=1e-4 (repeatable).")] = None,
+    fork_from: Annotated[Optional[str], typer.Option(
+        help="Start from this run folder's checkpoint instead of step 0 (same rows and schedule up to it; the "
+             "config differences are listed). A later run of the same command resumes --out as usual.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the dictionaries of a config on its activation store (capturing the store first if needed)."""
     from scope.store.capture import init_distributed
     from scope.training import ensure_store, last_metrics, load_config
     from scope.training import train as run_training
+    from scope.training.fork import FORKED_FROM
 
     init_distributed()
     cfg = load_config(config, set_ or [])
     ensure_store(cfg)
     t0 = time.time()
-    saved = run_training(cfg, out)
+    saved = run_training(cfg, out, fork_from=fork_from)
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_rank() != 0:
@@ -41,6 +46,9 @@ def train(
     result = {"out": out, "seconds": round(time.time() - t0, 1),
               "dictionaries": {name: {"path": str(p), **{k.split("/", 1)[1]: v for k, v in last.items()
                                                         if k.startswith(name + "/")}} for name, p in saved.items()}}
+    forked = Path(out) / FORKED_FROM
+    if fork_from and forked.exists():
+        result["forked_from"] = json.loads(forked.read_text())
     lines = [f"{n}: L0 {d.get('l0', float('nan')):.1f}, FVU {d.get('fvu', float('nan')):.3f} -> {d['path']}"
              for n, d in result["dictionaries"].items()]
     emit(result, as_json, "\n".join(lines))

@@ -35,9 +35,11 @@ from scope.models import default_device
 from scope.store import ActivationStore
 from scope.store.fs import replace_folder
 from scope.training.config import DictSpec, TrainConfig, load_config
+from scope.training.fork import copy_history, plan_fork, renamed_state
 from scope.training.logging import MetricLogger
 from scope.training.lazy_adam import hold_idle
 from scope.training.resample import lower_dead_thresholds, resample_dead
+from scope.training.schedule import lr_at, sparsity_at
 
 CHECKPOINT = "checkpoint"
 SNAPSHOTS = "snapshots"  # out/snapshots/step-NNNNNNN/NAME: dictionaries saved along the way (snapshot_every)
@@ -98,19 +100,6 @@ def dead_window_for(batch_size: int, total_steps: int, frequency: float) -> int 
     latent is dead; None when the run is too short for such a window."""
     window = max(math.ceil(1 / (frequency * batch_size)) if frequency > 0 else 1, total_steps // 10)
     return window if window < total_steps else None
-
-
-def lr_at(step: int, total: int, cfg) -> float:
-    """Linear warm-up over ``lr_warmup_steps``, constant, then linear decay to 0 from ``lr_decay_start``."""
-    warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
-    start = int(cfg.lr_decay_start * total)
-    decay = 1.0 if step < start or total <= start else max(0.0, (total - step) / (total - start))
-    return warm * decay
-
-
-def sparsity_at(step: int, cfg) -> float:
-    """λ multiplier: rises linearly from 0 to 1 over ``sparsity_warmup_steps``."""
-    return min(1.0, step / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
 
 
 @dataclass
@@ -251,8 +240,10 @@ def training_batches(view: ActivationStore, cfg: TrainConfig, hooks: list[str],
         epoch += 1
 
 
-def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str, Path]:
-    """Train every dictionary in ``cfg`` and save each to ``out/NAME``; resume from ``out`` if present."""
+def train(cfg: TrainConfig, out: str | Path, progress: bool = True,
+          fork_from: str | Path | None = None) -> dict[str, Path]:
+    """Train every dictionary in ``cfg`` and save each to ``out/NAME``; resume from ``out`` if present, else start
+    from the checkpoint of the run in ``fork_from`` if given (scope/training/fork.py)."""
     out = Path(out)
     rank, world = _dist()
     t = cfg.trainer
@@ -318,7 +309,12 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict[str,
         runs.append(Trained(spec, sae, opt, torch.zeros(DEAD_BLOCKS + 1, spec.d_sae, dtype=torch.long,
                                                               device=device),
                             torch.zeros(DEAD_BLOCKS + 1, dtype=torch.long, device=device)))
-    start = _resume(out, cfg, runs) if (out / CHECKPOINT).exists() else 0
+    if (out / CHECKPOINT).exists():
+        start = _resume(out, cfg, runs)
+    elif fork_from is not None:
+        start = _fork(Path(fork_from), cfg, runs, out, rank)
+    else:
+        start = 0
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_COPY).write_text(_yaml(cfg))
@@ -586,19 +582,45 @@ def _other_run(out: Path) -> ScopeError:
 
 def _resume(out: Path, cfg: TrainConfig, runs: list[Trained]) -> int:
     restart = f"delete the folder {out / CHECKPOINT} to train from the start, or choose a new --out"
-    meta = read_json(out / CHECKPOINT / "state.json", restart)
-    if not isinstance(meta, dict) or "config_hash" not in meta or not isinstance(meta.get("step"), int):
-        raise ScopeError(f"{out / CHECKPOINT / 'state.json'} is not a scope training checkpoint (needs step and "
-                         f"config_hash); {restart}")
+    meta = _checkpoint_meta(out, restart)
     if meta["config_hash"] != config_hash(cfg) and not ((out / CONFIG_COPY).exists() and _same_config(out, cfg)):
         raise _other_run(out)
-    tensors = read_safetensors(out / CHECKPOINT / "state.safetensors", restart)
+    _restore_from(out, read_safetensors(out / CHECKPOINT / "state.safetensors", restart), runs, restart)
+    return int(meta["step"])
+
+
+def _checkpoint_meta(run: Path, advice: str) -> dict:
+    meta = read_json(run / CHECKPOINT / "state.json", advice)
+    if not isinstance(meta, dict) or "config_hash" not in meta or not isinstance(meta.get("step"), int):
+        raise ScopeError(f"{run / CHECKPOINT / 'state.json'} is not a scope training checkpoint (needs step and "
+                         f"config_hash); {advice}")
+    return meta
+
+
+def _restore_from(run: Path, tensors: dict[str, torch.Tensor], runs: list[Trained], advice: str) -> None:
     try:
         _restore(tensors, runs)
     except (KeyError, RuntimeError) as err:  # a missing tensor, or one of another shape
-        raise ScopeError(f"{out / CHECKPOINT / 'state.safetensors'} does not hold this run's state "
-                         f"({first_line(err)}); {restart}") from None
-    return int(meta["step"])
+        raise ScopeError(f"{run / CHECKPOINT / 'state.safetensors'} does not hold this run's state "
+                         f"({first_line(err)}); {advice}") from None
+
+
+def _fork(parent: Path, cfg: TrainConfig, runs: list[Trained], out: Path, rank: int) -> int:
+    """Start from ``parent``'s checkpoint (its step, weights, Adam state and firing records) under ``cfg``."""
+    advice = "fork from a training run folder with a checkpoint (a --out of `scope train`), or train from the start"
+    if not (parent / CONFIG_COPY).exists() or not (parent / CHECKPOINT).is_dir():
+        raise ScopeError(f"--fork-from {str(parent)!r} is not a training run with a checkpoint (it needs "
+                         f"{CONFIG_COPY} and {CHECKPOINT}/); {advice}")
+    meta = _checkpoint_meta(parent, advice)
+    plan = plan_fork(parent, load_config(parent / CONFIG_COPY), int(meta["step"]), cfg)
+    tensors = read_safetensors(parent / CHECKPOINT / "state.safetensors", advice)
+    _restore_from(parent, renamed_state(tensors, plan.names), runs,
+                  "the dictionaries there have other shapes than this config's; fork from a run of the same widths")
+    if rank == 0:
+        copy_history(plan, out, SNAPSHOTS)
+        print(f"scope: forked from {plan.parent} at step {plan.step}; config differences: "
+              + ("; ".join(plan.differences) or "none"), file=sys.stderr, flush=True)
+    return plan.step
 
 
 def _restore(tensors: dict[str, torch.Tensor], runs: list[Trained]) -> None:
