@@ -629,7 +629,9 @@ def test_a_forked_run_ends_with_the_weights_of_the_same_config_trained_from_scra
     ({"trainer.batch_size": 128}, "trainer.batch_size differs \\(256 there, 128 here\\)"),
     ({"trainer.lr": 1e-3}, "another learning rate or sparsity coefficient at step 1"),
     ({"trainer.sparsity_warmup_steps": 6}, "sparsity coefficient at step 2"),
-    ({"dictionaries.0.batchtopk_steps": 12}, "leaves its BatchTopK phase at step 12, the parent's 'btk' at 20"),
+    ({"dictionaries.0.batchtopk_steps": 12}, "leaves its BatchTopK phase at step 12 \\(handover_revive 0.01\\), the "
+     "parent's 'btk' at 20"),
+    ({"dictionaries.0.batchtopk_steps": 16}, "at step 16 .* at or before the fork"),
     ({"trainer.total_tokens": 256 * 16}, "this config trains 16 steps, so nothing is left after step 16"),
 ])
 def test_a_fork_that_would_not_equal_its_config_from_scratch_is_refused(synth, tmp_path, change, message):

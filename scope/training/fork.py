@@ -9,7 +9,7 @@ What is checked, because it must hold for that (``plan_fork``):
 
 - the same rows in the same order: store, hooks, batch size, seed, held-out split, shuffle buffer, norm filter;
 - the same learning rate and sparsity coefficient at every step before the fork, for every dictionary;
-- a JumpReLU's BatchTopK phase: the same length, or a length that ends at or after the fork's step in both.
+- a JumpReLU's BatchTopK phase and its hand-over: the same, or both after the fork's step.
 
 Every other field that differs is listed (``Fork.differences``), printed, and written with the run
 (``forked_from.json``) for the user to judge: a dictionary option that already acted before the fork step (a
@@ -75,9 +75,13 @@ def plan_fork(parent: Path, parent_cfg: TrainConfig, step: int, cfg: TrainConfig
                                  f"sparsity coefficient at step {s + 1} (the warm-ups, lr, lr_decay_start or "
                                  "total_tokens differ in effect before the fork); fork from a run whose schedule "
                                  "matches up to the fork, or train from the start")
-        if a.batchtopk_steps != b.batchtopk_steps and min(a.batchtopk_steps, b.batchtopk_steps) < step:
+        # The hand-over (and a revival at it) happens once the step numbered batchtopk_steps is done, before the
+        # checkpoint of that step is written: a fork at that step already has it.
+        handover = (a.batchtopk_steps, a.handover_revive) != (b.batchtopk_steps, b.handover_revive)
+        if handover and min(a.batchtopk_steps, b.batchtopk_steps) <= step:
             raise ScopeError(f"{refuse}: dictionary {new!r} leaves its BatchTopK phase at step "
-                             f"{b.batchtopk_steps}, the parent's {old!r} at {a.batchtopk_steps}, and one of them "
+                             f"{b.batchtopk_steps} (handover_revive {b.handover_revive}), the parent's {old!r} at "
+                             f"{a.batchtopk_steps} (handover_revive {a.handover_revive}), and one of them at or "
                              "before the fork; fork from a checkpoint before both hand-overs")
     return Fork(str(parent), step, names, _differences(parent_cfg, cfg, names))
 
