@@ -534,7 +534,7 @@ def test_resampling_leaves_fewer_dead_latents_on_the_real_model(small_store, tmp
 
 
 def test_a_dead_latent_is_lifted_to_fire_on_rate_of_the_rows_and_nothing_else_moves():
-    from scope.training.resample import lower_dead_thresholds
+    from scope.training.resample import lift_dead_latents
 
     d = _jumprelu(target_l0=3.0, batchtopk_steps=2)
     x = torch.randn(512, 16, generator=torch.Generator().manual_seed(7))
@@ -549,7 +549,7 @@ def test_a_dead_latent_is_lifted_to_fire_on_rate_of_the_rows_and_nothing_else_mo
     opt.zero_grad()
     before = {k: v.clone() for k, v in d.state_dict().items()}
     sq = opt.state[d.W_enc]["exp_avg_sq"].clone()
-    assert lower_dead_thresholds(d, opt, x, dead, rate=4 / 512) == 8
+    assert lift_dead_latents(d, opt, x, dead, rate=4 / 512) == 8
     fires = (d.encode(x) != 0).sum(0)
     assert fires[:8].tolist() == [4] * 8, "each fires on round(rate · rows) rows of the batch"
     after = d.state_dict()

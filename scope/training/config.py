@@ -58,8 +58,9 @@ class DictSpec(_Strict):
         0, ge=0, description="jumprelu: train the first N steps as BatchTopK with k = target_l0, θ tracking its "
                              "inference threshold; then each θᵢ trains on its own (0: off)")
     handover_revive: float | None = Field(
-        None, gt=0, le=1, description="jumprelu with batchtopk_steps: when the BatchTopK phase ends, lower each dead "
-                                      "latent's θ so that it fires on about this fraction of the batch's rows (None: off)")
+        None, gt=0, le=1, description="jumprelu with batchtopk_steps: when the BatchTopK phase ends, lift each dead "
+                                      "latent's encoder bias so that it fires on about this fraction of the batch's "
+                                      "rows (None: off)")
     row_cap: int | None = Field(
         None, gt=0, description="jumprelu with batchtopk_steps, topk with selection batch: no row of a BatchTopK step "
                                 "keeps more than this many latents (at least k or target_l0; default: no cap)")

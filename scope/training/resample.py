@@ -1,5 +1,5 @@
 """Bringing dead latents back: resampling (point each at a training row that the dictionary reconstructs badly)
-and, for a JumpReLU leaving its BatchTopK phase, lifting them to their thresholds (:func:`lower_dead_thresholds`).
+and, for a JumpReLU leaving its BatchTopK phase, lifting them to their thresholds (:func:`lift_dead_latents`).
 
 Bricken et al. 2023 ("Towards Monosemanticity", Anthropic, the appendix on neuron resampling) reinitialise a
 dead latent from an input drawn with probability proportional to its squared reconstruction loss: the
@@ -92,7 +92,7 @@ def _warm_adam(sae: Dictionary, opt: torch.optim.Optimizer, idx: torch.Tensor, a
 
 
 @torch.no_grad()
-def lower_dead_thresholds(sae: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor,
+def lift_dead_latents(sae: Dictionary, opt: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor,
                           rate: float) -> int:
     """Make each ``dead`` latent fire on about ``rate`` of the rows of ``x`` (prepared inputs) by raising its
     encoder bias until its k-th largest pre-activation there (k = round(rate · rows), at least 1) sits just

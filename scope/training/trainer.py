@@ -38,7 +38,7 @@ from scope.training.config import DictSpec, TrainConfig, load_config
 from scope.training.fork import copy_history, plan_fork, renamed_state
 from scope.training.logging import MetricLogger
 from scope.training.lazy_adam import hold_idle
-from scope.training.resample import lower_dead_thresholds, resample_dead
+from scope.training.resample import lift_dead_latents, resample_dead
 from scope.training.schedule import lr_at, sparsity_at
 
 CHECKPOINT = "checkpoint"
@@ -378,7 +378,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True,
             if run.spec.handover_revive and step + 1 == run.spec.batchtopk_steps:
                 dead = run.dead_mask(t.dead_frequency)
                 if dead is not None:  # the global batch: every rank sets the same θ
-                    row[f"{run.name}/revived"] = lower_dead_thresholds(run.sae, run.opt, _global_rows(xr, world), dead,
+                    row[f"{run.name}/revived"] = lift_dead_latents(run.sae, run.opt, _global_rows(xr, world), dead,
                                                                        run.spec.handover_revive)
             if resamples_at(run.spec, step + 1, total_steps, t.lr_decay_start):
                 dead = run.dead_mask(t.dead_frequency)
